@@ -1,0 +1,65 @@
+"""tf.data pipelines: parallel decode, resize, shuffle, batch, zip source with target, prefetch.
+
+Sizes are (W, H) as on the command line. Images are float32 RGB in [0, 255] (each backbone preprocesses inside
+the network); labels are uint8 train ids resized with nearest neighbour.
+"""
+
+import numpy as np
+import tensorflow as tf
+
+AUTOTUNE = tf.data.AUTOTUNE
+
+
+def load_image(path, size=None):
+    """Decodes a PNG/JPEG to `[H, W, 3]` float32 in [0, 255], resized bilinearly to size=(W, H) if given."""
+    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+    image = tf.cast(image, tf.float32)
+    if size is not None:
+        image = tf.image.resize(image, (size[1], size[0]), method="bilinear")
+    return image
+
+
+def load_label(path, reader, size=None):
+    """Reads a label file with `reader(path) -> [H, W] uint8 train ids`, resized (nearest) to size=(W, H)."""
+    label = tf.numpy_function(lambda p: reader(p.decode()), [path], tf.uint8, stateful=False)
+    label.set_shape([None, None])
+    if size is not None:
+        label = tf.image.resize(label[..., None], (size[1], size[0]), method="nearest")[..., 0]
+    return label
+
+
+def source_dataset(pairs, reader, size, batch_size, seed=0):
+    """Endless shuffled batches of `(image, label)` from (image, label) path pairs."""
+    images, labels = zip(*pairs)
+    ds = tf.data.Dataset.from_tensor_slices((list(images), list(labels)))
+    ds = ds.shuffle(len(pairs), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.map(lambda i, l: (load_image(i, size), load_label(l, reader, size)), num_parallel_calls=AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def target_dataset(image_paths, image_labels, size, batch_size, seed=0):
+    """Endless shuffled batches of `(image, soft image-level labels)`; `image_labels` is `[N, C]`."""
+    labels = np.asarray(image_labels, np.float32)
+    ds = tf.data.Dataset.from_tensor_slices((list(image_paths), labels))
+    ds = ds.shuffle(len(labels), seed=seed + 1, reshuffle_each_iteration=True).repeat()
+    ds = ds.map(lambda i, y: (load_image(i, size), y), num_parallel_calls=AUTOTUNE)
+    return ds.batch(batch_size, drop_remainder=True)
+
+
+def training_dataset(source, target=None):
+    """Zips the domains into the trainer's batch dicts; `target=None` for source-only training."""
+    if target is None:
+        ds = source.map(lambda i, l: {"source_image": i, "source_label": l})
+    else:
+        ds = tf.data.Dataset.zip((source, target)).map(
+            lambda s, t: {"source_image": s[0], "source_label": s[1],
+                          "target_image": t[0], "target_image_labels": t[1]})
+    return ds.prefetch(AUTOTUNE)
+
+
+def evaluation_dataset(pairs, reader, size):
+    """One `(image resized to size, label at full resolution)` per element, in order, unbatched."""
+    images, labels = zip(*pairs)
+    ds = tf.data.Dataset.from_tensor_slices((list(images), list(labels)))
+    ds = ds.map(lambda i, l: (load_image(i, size), load_label(l, reader)), num_parallel_calls=AUTOTUNE)
+    return ds.prefetch(AUTOTUNE)

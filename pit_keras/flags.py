@@ -1,0 +1,95 @@
+"""Every absl flag of every command, defined once. Commands call the `define_*` groups they need; flagfiles
+compose (`--flagfile=` lines inside a flagfile). Modules never read flags: CLIs pass values down."""
+
+import os
+
+from absl import flags
+
+from pit_keras.errors import UserError
+
+FLAGS = flags.FLAGS
+
+DEFAULT_BENCHMARK_ROOT = os.path.join("~", ".cache", "pit_keras", "benchmark")
+
+
+def define_data_flags():
+    flags.DEFINE_enum("source", "gta5", ["gta5", "synthetic"], "Source dataset (labelled).")
+    flags.DEFINE_string("source_root", None, "Source dataset root (for synthetic: the benchmark folder, made on "
+                        f"first use; default {DEFAULT_BENCHMARK_ROOT}).")
+    flags.DEFINE_enum("target", "cityscapes", ["cityscapes", "synthetic"], "Target dataset (unlabelled).")
+    flags.DEFINE_string("target_root", None, "Target dataset root (for synthetic: the benchmark folder).")
+    flags.DEFINE_string("target_size", "1024,512", "Target images are resized to W,H.")
+
+
+def define_model_flags():
+    flags.DEFINE_string("backbone", "tiny", "Backbone: tiny | mobilenetv3_small | mobilenetv3_large.")
+    flags.DEFINE_string("backbone_weights", "none", "Backbone weights: imagenet | none | a local weights file.")
+    flags.DEFINE_list("lse_r", ["0.5", "1", "1.5"], "r^k of the coarse region-expansion units (one unit each).")
+
+
+def define_train_flags():
+    define_data_flags()
+    define_model_flags()
+    flags.DEFINE_string("model_dir", None, "Run folder: checkpoints, TensorBoard events, results.")
+    flags.DEFINE_string("source_size", "1280,640", "Source images are resized to W,H.")
+    flags.DEFINE_enum("method", "pit", ["pit", "source_only", "minent"], "Training method.")
+    flags.DEFINE_boolean("lse_normalize", False, "Divide the LSE pooling by r (Eq. 1 as printed does not).")
+    flags.DEFINE_float("lambda_c", 0.5, "Weight of the image-level loss L_c.")
+    flags.DEFINE_float("lambda_r", 0.5, "Weight of the reconstruction loss L_r.")
+    flags.DEFINE_float("lambda_ent", 0.001, "Weight of the target entropy (minent).")
+    flags.DEFINE_list("recon_domains", ["source", "target"], "Domains the reconstruction loss L_r covers.")
+    flags.DEFINE_enum("loss_resolution", "feature", ["feature", "input"],
+                      "Compute L_c and L_r on the logits before (feature) or after (input) upsampling.")
+    flags.DEFINE_float("interaction_lr_multiplier", 0.01, "Learning-rate multiplier of the w^k.")
+    flags.DEFINE_string("image_labels", None,
+                        "Target image-level labels: a JSON file (python -m pit_keras.image_labels) or "
+                        "ground_truth (the weakly supervised setting). Required by pit.")
+    flags.DEFINE_integer("batch_size", 4, "Global batch size per domain.")
+    flags.DEFINE_integer("num_steps", 200000, "Training steps.")
+    flags.DEFINE_float("learning_rate", 2.5e-5, "Initial learning rate (SGD, polynomial decay).")
+    flags.DEFINE_float("momentum", 0.9, "SGD momentum.")
+    flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay of the SGD optimizer.")
+    flags.DEFINE_float("poly_power", 0.9, "Power of the polynomial learning-rate decay.")
+    flags.DEFINE_integer("seed", 0, "Seed of initialisation and data order.")
+    flags.DEFINE_integer("log_every", 100, "Steps per logged epoch (progress bar, TensorBoard scalars).")
+    flags.DEFINE_integer("image_every", 1000, "Steps between TensorBoard images (0: never).")
+    flags.DEFINE_integer("checkpoint_every", 1000, "Steps between checkpoints.")
+    flags.DEFINE_integer("keep_checkpoints", 3, "How many of the newest checkpoints are kept.")
+    flags.DEFINE_boolean("evaluate", True, "Evaluate on the target val split after training (needs labels).")
+    flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+
+
+def define_eval_flags():
+    define_data_flags()
+    flags.DEFINE_string("model_dir", None, "A training run folder (its newest checkpoint is evaluated).")
+    flags.DEFINE_string("split", "val", "Target split to evaluate.")
+    flags.DEFINE_string("output", None, "Write the results JSON here (default MODEL_DIR/eval_SPLIT.json).")
+
+
+def parse_size(name, value):
+    """Parses a W,H flag value into a tuple of two positive ints."""
+    try:
+        width, height = (int(v) for v in value.split(","))
+    except ValueError:
+        raise UserError(f"--{name}={value}: expected W,H (two integers), e.g. 1024,512.") from None
+    if width <= 0 or height <= 0:
+        raise UserError(f"--{name}={value}: width and height must be positive.")
+    return width, height
+
+
+def parse_floats(name, values):
+    """Parses a list flag into floats."""
+    try:
+        return tuple(float(v) for v in values)
+    except ValueError:
+        raise UserError(f"--{name}={','.join(values)}: expected a comma-separated list of numbers.") from None
+
+
+def dataset_root(name, value):
+    """The root of a dataset flag (`source_root`/`target_root`), with `~` expanded; the benchmark by default."""
+    if value is None:
+        dataset = FLAGS[name.replace("_root", "")].value
+        if dataset != "synthetic":
+            raise UserError(f"--{name} is required for --{name.replace('_root', '')}={dataset}.")
+        value = DEFAULT_BENCHMARK_ROOT
+    return os.path.expanduser(value)

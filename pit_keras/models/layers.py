@@ -1,0 +1,66 @@
+"""Custom layers of the PIT network. No `Lambda` layers: every layer has `get_config()`, so saved models load
+with Keras' `safe_mode` on."""
+
+import keras
+import tensorflow as tf
+
+
+@keras.saving.register_keras_serializable(package="pit_keras")
+class ResizeLike(keras.layers.Layer):
+    """Bilinearly resizes a feature map to the spatial size of a reference tensor.
+
+    Called on `[x, reference]`; used to upsample head logits to the input size whatever that size is, so one
+    network serves every image size (training crops, full-resolution evaluation, export).
+
+    Args:
+        interpolation: a `tf.image.resize` method.
+    """
+
+    def __init__(self, interpolation="bilinear", **kwargs):
+        super().__init__(**kwargs)
+        self.interpolation = interpolation
+
+    def call(self, inputs):
+        x, reference = inputs
+        size = tf.shape(reference)[1:3]
+        resized = tf.image.resize(x, size, method=self.interpolation)
+        return tf.cast(resized, x.dtype)
+
+    def compute_output_shape(self, input_shapes):
+        x_shape, ref_shape = input_shapes
+        return (x_shape[0], ref_shape[1], ref_shape[2], x_shape[3])
+
+    def get_config(self):
+        return {**super().get_config(), "interpolation": self.interpolation}
+
+
+@keras.saving.register_keras_serializable(package="pit_keras")
+class RegionReconstruction(keras.layers.Layer):
+    """Weighted sum of the K coarse class-activation maps, `sum_k w^k S^k`, with learnable scalars w^k.
+
+    The layer owns the paper's w^k (`self.w`); the trainer reads them for the reconstruction loss and applies a
+    smaller learning rate to them.
+
+    Args:
+        num_units: K, the number of region-expansion units.
+    """
+
+    def __init__(self, num_units, **kwargs):
+        super().__init__(**kwargs)
+        self.num_units = num_units
+
+    def build(self, input_shape):
+        # Starting at 1/K makes the first reconstruction the average of the coarse maps.
+        self.w = self.add_weight(
+            name="w", shape=(self.num_units,),
+            initializer=keras.initializers.Constant(1.0 / self.num_units), dtype="float32")
+
+    def call(self, cams):
+        w = tf.cast(self.w, cams[0].dtype)
+        return tf.add_n([w[k] * cam for k, cam in enumerate(cams)])
+
+    def compute_output_shape(self, input_shapes):
+        return input_shapes[0]
+
+    def get_config(self):
+        return {**super().get_config(), "num_units": self.num_units}

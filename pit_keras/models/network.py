@@ -1,0 +1,62 @@
+"""The PIT network: a shared backbone, a fine head and K coarse region-expansion heads (paper Fig. 1).
+
+A functional Keras model with named dict outputs:
+
+- `"seg"`: fine logits S at the input size (the segmenter; the only output that is exported);
+- `"cam_k"`: the k-th coarse unit's class-activation map S^k at the input size;
+- `"seg_feat"`, `"cam_k_feat"`: the same logits at feature resolution, before upsampling;
+- `"recon"`: `sum_k w^k S^k` at the input size (the reconstruction of S).
+
+Bilinear upsampling is linear, so the losses on the coarse maps can be computed at feature resolution at a
+fraction of the cost (see `trainer.PITTrainer`, `loss_resolution`).
+"""
+
+import keras
+
+from pit_keras.models import backbones, heads, layers
+
+RECONSTRUCTION_LAYER = "reconstruction"
+
+
+def build_network(backbone, num_classes, num_units=3, backbone_weights="none"):
+    """Builds the PIT network.
+
+    Args:
+        backbone: a registry name (`backbones.BACKBONES`).
+        num_classes: C.
+        num_units: K, one coarse unit per `--lse_r` value; 0 builds a plain segmenter.
+        backbone_weights: imagenet | none | a local weights file.
+
+    Returns:
+        A `keras.Model` from `"image"` (`[B, H, W, 3]` RGB, float in [0, 255]) to the dict of outputs above.
+    """
+    # === Layers ===
+    feature_extractor = backbones.build_backbone(backbone, backbone_weights)
+    fine_head = heads.classifier_head(num_classes, "fine_head")
+    coarse_heads = [heads.classifier_head(num_classes, f"coarse_head_{k}") for k in range(num_units)]
+
+    # === Functional Model ===
+    image = keras.Input((None, None, 3), name="image")
+    features = feature_extractor(image)
+    seg_feat = fine_head(features)
+    outputs = {"seg": layers.ResizeLike(name="seg")([seg_feat, image]), "seg_feat": seg_feat}
+    cam_feats = []
+    for k, head in enumerate(coarse_heads):
+        cam_feat = head(features)
+        cam_feats.append(cam_feat)
+        outputs[f"cam_{k}_feat"] = cam_feat
+        outputs[f"cam_{k}"] = layers.ResizeLike(name=f"cam_{k}")([cam_feat, image])
+    if num_units:
+        recon_feat = layers.RegionReconstruction(num_units, name=RECONSTRUCTION_LAYER)(cam_feats)
+        outputs["recon"] = layers.ResizeLike(name="recon")([recon_feat, image])
+    return keras.Model(image, outputs, name=f"pit_{backbone}")
+
+
+def interaction_weights(network):
+    """The K learnable scalars w^k of a network built by `build_network`."""
+    return network.get_layer(RECONSTRUCTION_LAYER).w
+
+
+def fine_segmenter(network):
+    """The deployable segmenter: image -> fine logits `"seg"` at the input size, without the coarse units."""
+    return keras.Model(network.input, network.get_layer("seg").output, name=f"{network.name}_fine")

@@ -1,0 +1,60 @@
+"""Trains a segmenter with PIT (or source-only / MinEnt) and evaluates it on the target's val split.
+
+    python -m pit_keras.train --flagfile=flags/demo.cfg
+
+Resumes from the newest checkpoint in --model_dir. See `python -m pit_keras.train --helpfull`.
+"""
+
+from absl import flags
+
+from pit_keras import flags as pit_flags
+from pit_keras.errors import UserError, run_main
+
+pit_flags.define_train_flags()
+FLAGS = flags.FLAGS
+
+
+def parse_config():
+    """The run's configuration from the flags, checked before any work starts."""
+    if not FLAGS.model_dir:
+        raise UserError("--model_dir is required (the run folder for checkpoints and logs).")
+    if FLAGS.method == "pit" and not FLAGS.image_labels:
+        raise UserError("--method=pit needs --image_labels (a JSON file of target image labels, or ground_truth).")
+    if FLAGS.method != "pit" and FLAGS.image_labels:
+        raise UserError(f"--image_labels is only used by --method=pit, not --method={FLAGS.method}.")
+    for name in ("batch_size", "num_steps", "log_every"):
+        if FLAGS[name].value <= 0:
+            raise UserError(f"--{name}={FLAGS[name].value}: must be positive.")
+    lse_r = pit_flags.parse_floats("lse_r", FLAGS.lse_r)
+    if FLAGS.method == "pit" and (not lse_r or any(r <= 0 for r in lse_r)):
+        raise UserError(f"--lse_r={','.join(FLAGS.lse_r)}: pit needs one or more positive values.")
+    return {
+        "source": FLAGS.source, "source_root": pit_flags.dataset_root("source_root", FLAGS.source_root),
+        "target": FLAGS.target, "target_root": pit_flags.dataset_root("target_root", FLAGS.target_root),
+        "source_size": pit_flags.parse_size("source_size", FLAGS.source_size),
+        "target_size": pit_flags.parse_size("target_size", FLAGS.target_size),
+        "backbone": FLAGS.backbone, "backbone_weights": FLAGS.backbone_weights,
+        "num_classes": 19, "class_set": "cityscapes19",
+        "method": FLAGS.method, "lse_r": list(lse_r), "lse_normalize": FLAGS.lse_normalize,
+        "lambda_c": FLAGS.lambda_c, "lambda_r": FLAGS.lambda_r, "lambda_ent": FLAGS.lambda_ent,
+        "recon_domains": list(FLAGS.recon_domains), "loss_resolution": FLAGS.loss_resolution,
+        "interaction_lr_multiplier": FLAGS.interaction_lr_multiplier, "image_labels": FLAGS.image_labels,
+        "batch_size": FLAGS.batch_size, "num_steps": FLAGS.num_steps, "learning_rate": FLAGS.learning_rate,
+        "momentum": FLAGS.momentum, "weight_decay": FLAGS.weight_decay, "poly_power": FLAGS.poly_power,
+        "seed": FLAGS.seed,
+    }
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected argument {argv[1]!r} (flags are written --name=value).")
+    config = parse_config()
+    # TensorFlow is imported only once the flags are known to be good, so a typo fails in a second.
+    from pit_keras import training
+    training.run(config, FLAGS.model_dir, log_every=FLAGS.log_every, image_every=FLAGS.image_every,
+                 checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
+                 evaluate=FLAGS.evaluate, verbose=FLAGS.verbose)
+
+
+if __name__ == "__main__":
+    run_main(main)

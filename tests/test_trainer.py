@@ -1,0 +1,119 @@
+"""The trainer: one fit step of every method, which terms each method computes, the w^k learning rate, and a
+checkpoint round trip."""
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from pit_keras import checkpoints
+from pit_keras.models.network import build_network, interaction_weights
+from pit_keras.trainer import PITTrainer
+
+C = 4
+
+
+def batches(n=2, size=32, target_value=None, seed=0):
+    rng = np.random.default_rng(seed)
+    batch = {
+        "source_image": rng.uniform(0, 255, (n, size, size, 3)).astype(np.float32),
+        "source_label": rng.integers(0, C, (n, size, size)).astype(np.uint8),
+        "target_image": rng.uniform(0, 255, (n, size, size, 3)).astype(np.float32),
+        "target_image_labels": rng.dirichlet(np.ones(C), n).astype(np.float32),
+    }
+    batch["source_label"][:, :4] = 255
+    if target_value is not None:
+        batch["target_image"][:] = target_value
+    return tf.data.Dataset.from_tensors(batch).repeat()
+
+
+def make_trainer(method="pit", seed=0, learning_rate=0.01, momentum=0.9, **kwargs):
+    keras.utils.set_random_seed(seed)
+    network = build_network("tiny", C, num_units=3 if method == "pit" else 0)
+    trainer = PITTrainer(network, C, method=method, **kwargs)
+    trainer.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum))
+    return trainer
+
+
+EXPECTED_TERMS = {
+    "pit": {"seg_src", "img_src", "img_trg", "rec_src", "rec_trg"},
+    "source_only": {"seg_src"},
+    "minent": {"seg_src", "ent_trg"},
+}
+
+
+@pytest.mark.parametrize("method", sorted(EXPECTED_TERMS))
+def test_one_fit_step_of_each_method_gives_finite_losses(method):
+    trainer = make_trainer(method)
+    history = trainer.fit(batches(), epochs=1, steps_per_epoch=1, verbose=0)
+    logs = {k: v[-1] for k, v in history.history.items()}
+    assert set(logs) == EXPECTED_TERMS[method] | {"loss"}
+    assert all(np.isfinite(v) for v in logs.values()), logs
+    assert int(trainer.optimizer.iterations.numpy()) == 1
+
+
+def test_source_only_never_runs_target_images():
+    # NaN target images would poison any weight they reach.
+    trainer = make_trainer("source_only")
+    trainer.fit(batches(target_value=np.nan), epochs=1, steps_per_epoch=2, verbose=0)
+    assert all(np.all(np.isfinite(v.numpy())) for v in trainer.network.weights)
+    pit = make_trainer("pit")
+    logs = pit.fit(batches(target_value=np.nan), epochs=1, steps_per_epoch=1, verbose=0).history
+    assert not np.isfinite(logs["img_trg"][-1])
+
+
+@pytest.mark.parametrize("kwargs,terms", [
+    ({"lambda_r": 0.0}, {"seg_src", "img_src", "img_trg"}),
+    ({"lambda_c": 0.0}, {"seg_src", "rec_src", "rec_trg"}),
+    ({"recon_domains": ("target",)}, {"seg_src", "img_src", "img_trg", "rec_trg"}),
+])
+def test_ablation_flags_select_the_terms(kwargs, terms):
+    assert set(make_trainer("pit", **kwargs).term_weights) == terms
+
+
+def test_total_loss_is_the_weighted_sum_of_the_terms():
+    trainer = make_trainer("pit", lambda_c=0.3, lambda_r=2.0, learning_rate=0.0)
+    logs = {k: v[-1] for k, v in trainer.fit(batches(), epochs=1, steps_per_epoch=1, verbose=0).history.items()}
+    expected = logs["seg_src"] + 0.3 * (logs["img_src"] + logs["img_trg"]) + 2.0 * (logs["rec_src"] + logs["rec_trg"])
+    np.testing.assert_allclose(logs["loss"], expected, rtol=1e-5)
+
+
+def test_feature_and_input_resolution_losses_agree_closely():
+    data = next(iter(batches()))
+    feature = make_trainer("pit", loss_resolution="feature").compute_terms(data)
+    full = make_trainer("pit", loss_resolution="input").compute_terms(data)
+    np.testing.assert_allclose(feature["img_src"].numpy(), full["img_src"].numpy(), rtol=0.05)
+    np.testing.assert_allclose(feature["rec_trg"].numpy(), full["rec_trg"].numpy(), rtol=0.2, atol=1e-3)
+
+
+def test_interaction_weights_learn_at_the_multiplied_rate():
+    moves = {}
+    for multiplier in (1.0, 0.01):
+        trainer = make_trainer("pit", momentum=0.0, learning_rate=0.1, interaction_lr_multiplier=multiplier)
+        before = interaction_weights(trainer.network).numpy().copy()
+        trainer.fit(batches(), epochs=1, steps_per_epoch=1, verbose=0)
+        moves[multiplier] = interaction_weights(trainer.network).numpy() - before
+    assert np.all(np.abs(moves[1.0]) > 0)
+    np.testing.assert_allclose(moves[0.01], 0.01 * moves[1.0], rtol=1e-3)
+
+
+def test_checkpoint_round_trip_resumes_at_the_same_step_and_weights(tmp_path):
+    trainer = make_trainer("pit")
+    manager = checkpoints.manager(trainer.network, trainer.optimizer, str(tmp_path))
+    trainer.fit(batches(), epochs=1, steps_per_epoch=3, verbose=0)
+    manager.save(checkpoint_number=3)
+
+    resumed = make_trainer("pit", seed=1)  # different initial weights, overwritten by the restore
+    resumed_manager = checkpoints.manager(resumed.network, resumed.optimizer, str(tmp_path))
+    checkpoints.restore_latest(resumed_manager, resumed.optimizer, resumed.network.trainable_variables)
+    assert int(resumed.optimizer.iterations.numpy()) == 3
+    for a, b in zip(trainer.network.weights, resumed.network.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+    for a, b in zip(trainer.optimizer.variables, resumed.optimizer.variables):
+        np.testing.assert_array_equal(np.asarray(a.numpy()), np.asarray(b.numpy()))
+
+    # One more step from the same state gives the same weights (momentum included).
+    trainer.fit(batches(seed=5), epochs=1, steps_per_epoch=1, verbose=0)
+    resumed.fit(batches(seed=5), epochs=1, steps_per_epoch=1, verbose=0)
+    for a, b in zip(trainer.network.trainable_weights, resumed.network.trainable_weights):
+        np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
