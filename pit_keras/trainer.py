@@ -62,7 +62,8 @@ class PITTrainer(keras.Model):
         self.network = network
         self.num_classes = num_classes
         self.method = method
-        self.lse_r = tuple(float(r) for r in lse_r)
+        # Only PIT has coarse units; the other methods train a plain segmenter.
+        self.lse_r = tuple(float(r) for r in lse_r) if method == "pit" else ()
         self.lse_normalize = lse_normalize
         self.loss_resolution = loss_resolution
         self.interaction_lr_multiplier = interaction_lr_multiplier

@@ -37,7 +37,7 @@ def build_trainer(config, network):
         config["learning_rate"], decay_steps=config["num_steps"], end_learning_rate=0.0, power=config["poly_power"])
     optimizer = keras.optimizers.SGD(schedule, momentum=config["momentum"],
                                      weight_decay=config["weight_decay"] or None)
-    if config["weight_decay"] and config["lse_r"]:
+    if config["weight_decay"] and config["method"] == "pit":
         optimizer.exclude_from_weight_decay(var_list=[interaction_weights(network)])
     trainer.compile(optimizer=optimizer)
     return trainer
@@ -55,6 +55,9 @@ def build_dataset(config, trainer):
             require_labels=config["image_labels"] == "ground_truth")
         if config["method"] == "pit":
             labels = target_image_labels(config, target_pairs, reader, root)
+            origin = ("ground truth (the weakly supervised setting)" if config["image_labels"] == "ground_truth"
+                      else config["image_labels"])
+            print(f"target image-level labels of {len(target_pairs)} images: {origin}")
         else:
             labels = np.zeros((len(target_pairs), config["num_classes"]), np.float32)
         target = pipeline.target_dataset([i for i, _ in target_pairs], labels, config["target_size"],

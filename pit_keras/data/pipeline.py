@@ -21,7 +21,7 @@ def load_image(path, size=None):
 
 def load_label(path, reader, size=None):
     """Reads a label file with `reader(path) -> [H, W] uint8 train ids`, resized (nearest) to size=(W, H)."""
-    label = tf.numpy_function(lambda p: reader(p.decode()), [path], tf.uint8, stateful=False)
+    label = tf.numpy_function(lambda p: reader(np.asarray(p).item().decode()), [path], tf.uint8, stateful=False)
     label.set_shape([None, None])
     if size is not None:
         label = tf.image.resize(label[..., None], (size[1], size[0]), method="nearest")[..., 0]
