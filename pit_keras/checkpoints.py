@@ -51,28 +51,25 @@ def manager(network, optimizer, model_dir, max_to_keep=3):
                                       checkpoint_name="ckpt")
 
 
-def restore_latest(ckpt_manager, optimizer=None, trainable_variables=None):
-    """Restores the newest checkpoint, if any, and returns its path (None for a fresh run).
+def latest_checkpoint(model_dir):
+    """The newest checkpoint prefix of a run folder, or None."""
+    return tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
 
-    The optimizer's slot variables must exist before a restore can fill them, so it is built first.
-    """
-    path = ckpt_manager.latest_checkpoint
+
+def restore_latest(network, optimizer, model_dir):
+    """Restores network and optimizer from the newest checkpoint of `model_dir`, if any, and returns its path
+    (None for a fresh run). The optimizer must be built, so that its slot variables exist to be filled."""
+    path = latest_checkpoint(model_dir)
     if path is None:
         return None
-    if optimizer is not None and not optimizer.built:
-        optimizer.build(trainable_variables)
-    status = ckpt_manager.checkpoint.restore(path)
-    if optimizer is not None:
-        status.assert_existing_objects_matched()
-    else:
-        status.expect_partial()
+    tf.train.Checkpoint(network=network, optimizer=optimizer).restore(path).assert_existing_objects_matched()
     return path
 
 
 def restore_network(network, model_dir):
     """Loads the newest checkpoint's network weights (for evaluation and export); returns the path."""
     checkpoint = tf.train.Checkpoint(network=network)
-    path = tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
+    path = latest_checkpoint(model_dir)
     if path is None:
         raise UserError(f"--model_dir={model_dir} holds no checkpoint yet.")
     checkpoint.restore(path).expect_partial()

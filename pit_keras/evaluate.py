@@ -1,9 +1,21 @@
-"""Evaluates a training run on a labelled target split: per-class IoU table and a results JSON.
+"""Evaluates a training run, or saved predictions, on a labelled target split: per-class IoU and results files.
 
     python -m pit_keras.evaluate --model_dir=runs/demo --target=synthetic --split=val
+    python -m pit_keras.evaluate --predictions_dir=preds --target=cityscapes --target_root=data/cityscapes \
+        --classes=13
 
-The network is rebuilt from MODEL_DIR/run.json and its newest checkpoint; images are resized to the run's
---target_size (or the flag, if given) and predictions upsampled to label resolution.
+--model_dir: the network is rebuilt from MODEL_DIR/run.json and its newest checkpoint; images are resized to
+the run's --target_size (or the flag, if given) and predictions upsampled to label resolution.
+--predictions_dir: 8-bit PNGs of train ids (--prediction_classes) at label resolution, laid out as
+PRED/CITY/NAME_leftImg8bit.png, or any one PRED/**/CITY_SSSSSS_FFFFFF*.png per image as cityscapesScripts
+accepts.
+
+--classes=16 or 13 scores in SYNTHIA's 16 classes (19-class truth and predictions are mapped; terrain, truck
+and train become unlabelled); 13 reports mIoU* (without wall, fence and pole) as the headline.
+
+Writes the results JSON (--output): `metrics.summarize` (percent IoUs, null for classes absent from truth and
+prediction, the confusion matrix) plus "num_classes" (the --classes scored), "target", "split" and
+"checkpoint" or "predictions_dir"; beside it a per-class CSV and a row-normalised confusion heat map PNG.
 """
 
 import os
@@ -17,31 +29,74 @@ pit_flags.define_eval_flags()
 FLAGS = flags.FLAGS
 
 
-def main(argv):
-    if len(argv) > 1:
-        raise UserError(f"unexpected argument {argv[1]!r} (flags are written --name=value).")
-    if not FLAGS.model_dir:
-        raise UserError("--model_dir is required.")
+def label_space(prediction_classes):
+    """The `evaluation.LabelSpace` of --classes (default: the predictions' own classes)."""
+    from pit_keras import evaluation
+
+    num_classes = int(FLAGS.classes) if FLAGS.classes else prediction_classes
+    try:
+        return evaluation.label_space(num_classes, prediction_classes)
+    except ValueError as err:
+        raise UserError(f"--classes={num_classes}: {err}") from None
+
+
+def score_run():
+    """(result, space, default output) of the newest checkpoint of --model_dir."""
     from pit_keras import checkpoints, evaluation, metrics
-    from pit_keras.data import classes, datasets
+    from pit_keras.data import datasets
     from pit_keras.models.network import build_network
 
     config = checkpoints.read_run_config(FLAGS.model_dir)
+    space = label_space(config["num_classes"])
     size = (pit_flags.parse_size("target_size", FLAGS.target_size) if FLAGS["target_size"].present
             else tuple(config["target_size"]))
     root = pit_flags.dataset_root("target_root", FLAGS.target_root)
     pairs, reader, _ = datasets.target_pairs(FLAGS.target, root, FLAGS.split, require_labels=True)
-    class_set = classes.CLASS_SETS[config["class_set"]]
     units = len(config["lse_r"]) if config["method"] == "pit" else 0
     network = build_network(config["backbone"], config["num_classes"], num_units=units)
     checkpoint = checkpoints.restore_network(network, FLAGS.model_dir)
-    result = evaluation.evaluate(network, pairs, reader, class_set, size)
+    result = metrics.summarize(evaluation.network_confusion(network, pairs, reader, space, size),
+                               space.class_set)
     result["checkpoint"] = os.path.basename(checkpoint)
-    output = FLAGS.output or os.path.join(FLAGS.model_dir, f"eval_{FLAGS.split}.json")
-    metrics.write_json(result, output)
+    return result, space, os.path.join(FLAGS.model_dir, f"eval_{FLAGS.split}.json")
+
+
+def score_predictions():
+    """(result, space, default output) of the PNGs in --predictions_dir."""
+    if FLAGS["target_size"].present:
+        raise UserError("--target_size applies to --model_dir only; saved predictions are scored at label size.")
+    space = label_space(int(FLAGS.prediction_classes))
+    from pit_keras import evaluation, metrics
+    from pit_keras.data import datasets
+
+    root = pit_flags.dataset_root("target_root", FLAGS.target_root)
+    pairs, reader, _ = datasets.target_pairs(FLAGS.target, root, FLAGS.split, require_labels=True)
+    paths = evaluation.find_predictions(pairs, FLAGS.predictions_dir)
+    result = metrics.summarize(evaluation.predictions_confusion(pairs, reader, paths, space), space.class_set)
+    predictions_dir = os.path.abspath(FLAGS.predictions_dir)
+    result["predictions_dir"] = predictions_dir
+    # Named after the folder, so the scores of two prediction folders side by side do not overwrite each other.
+    output = f"{predictions_dir}_eval_{FLAGS.split}.json"
+    return result, space, output
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected argument {argv[1]!r} (flags are written --name=value).")
+    if bool(FLAGS.model_dir) == bool(FLAGS.predictions_dir):
+        raise UserError("Give exactly one of --model_dir (a training run) or --predictions_dir (saved PNGs).")
+    if FLAGS.model_dir and FLAGS["prediction_classes"].present:
+        raise UserError("--prediction_classes applies to --predictions_dir only; a run predicts its own classes.")
+    from pit_keras import metrics
+
+    result, space, output = score_run() if FLAGS.model_dir else score_predictions()
+    result.update({"num_classes": space.num_classes, "target": FLAGS.target, "split": FLAGS.split})
+    written = metrics.write_results(result, FLAGS.output or output)
     print(metrics.format_table(result))
-    print(f"mIoU {result['miou']:.2f} over {result['num_images']} images of {FLAGS.target} {FLAGS.split} "
-          f"({result['checkpoint']}); written to {output}")
+    headline = "mIoU*" if space.num_classes == 13 else "mIoU"
+    print(f"{headline} {metrics.select_miou(result, space.num_classes):.2f} ({space.num_classes} classes) over "
+          f"{result['num_images']} images of {FLAGS.target} {FLAGS.split} "
+          f"({result.get('checkpoint') or result['predictions_dir']}); written to {', '.join(written)}")
 
 
 if __name__ == "__main__":

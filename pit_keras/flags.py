@@ -13,7 +13,7 @@ DEFAULT_BENCHMARK_ROOT = os.path.join("~", ".cache", "pit_keras", "benchmark")
 
 
 def define_data_flags():
-    flags.DEFINE_enum("source", "gta5", ["gta5", "synthetic"], "Source dataset (labelled).")
+    flags.DEFINE_enum("source", "gta5", ["gta5", "synthia", "synthetic"], "Source dataset (labelled).")
     flags.DEFINE_string("source_root", None, "Source dataset root (for synthetic: the benchmark folder, made on "
                         f"first use; default {DEFAULT_BENCHMARK_ROOT}).")
     flags.DEFINE_enum("target", "cityscapes", ["cityscapes", "synthetic"], "Target dataset (unlabelled).")
@@ -57,13 +57,50 @@ def define_train_flags():
     flags.DEFINE_integer("keep_checkpoints", 3, "How many of the newest checkpoints are kept.")
     flags.DEFINE_boolean("evaluate", True, "Evaluate on the target val split after training (needs labels).")
     flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+    flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+                      "tf.distribute strategy: one device, all local GPUs (or --cpu_replicas CPUs), or the hosts "
+                      "of TF_CONFIG.")
+    flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices (test distribution without GPUs).")
+    flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+                      "Keras dtype policy; losses stay in float32, mixed_float16 scales the loss.")
+    flags.DEFINE_boolean("jit_compile", False, "Compile the training step with XLA.")
 
 
 def define_eval_flags():
     define_data_flags()
     flags.DEFINE_string("model_dir", None, "A training run folder (its newest checkpoint is evaluated).")
+    flags.DEFINE_string("predictions_dir", None,
+                        "Score saved predictions instead of a run: 8-bit train-id PNGs at label resolution, "
+                        "PRED/CITY/NAME_leftImg8bit.png for ROOT/leftImg8bit/SPLIT/CITY/NAME_leftImg8bit.png, "
+                        "or the one PRED/**/CITY_SSSSSS_FFFFFF*.png.")
+    flags.DEFINE_enum("prediction_classes", "19", ["19", "16"],
+                      "Train ids the --predictions_dir PNGs are in: 19 Cityscapes or 16 SYNTHIA classes.")
+    flags.DEFINE_enum("classes", None, ["19", "16", "13"],
+                      "Classes to score: 19 (GTA5 -> Cityscapes), 16 or 13 (SYNTHIA -> Cityscapes: mIoU, "
+                      "mIoU*). Default: the run's classes, or --prediction_classes.")
     flags.DEFINE_string("split", "val", "Target split to evaluate.")
-    flags.DEFINE_string("output", None, "Write the results JSON here (default MODEL_DIR/eval_SPLIT.json).")
+    flags.DEFINE_string("output", None,
+                        "Results JSON; SAME.csv (per-class IoU) and SAME_confusion.png are written beside it. "
+                        "Default MODEL_DIR/eval_SPLIT.json, or DIR/NAME_eval_SPLIT.json for "
+                        "--predictions_dir=DIR/NAME.")
+
+
+def define_image_labels_flags():
+    define_data_flags()
+    flags.DEFINE_string("features", "InceptionResNetV2",
+                        "Frozen image features: a keras.applications model name (global-average pooled), or "
+                        "backbone for the backbone of the trained run in --model_dir.")
+    flags.DEFINE_string("features_weights", "imagenet",
+                        "Weights of a keras.applications --features model: imagenet | none | a local weights "
+                        "file of the model without its top.")
+    flags.DEFINE_string("model_dir", None, "A training run folder, for --features=backbone.")
+    flags.DEFINE_string("output", None, "The target image-labels JSON to write (train's --image_labels).")
+    flags.DEFINE_string("image_size", "512,256", "Images are resized to W,H for the features.")
+    flags.DEFINE_integer("epochs", 100, "Training epochs of the softmax regressor (SGD lr 1e-4, momentum 0.9, "
+                         "decay 0.99 per epoch, floor 1e-6).")
+    flags.DEFINE_string("cache_dir", os.path.join("~", ".cache", "pit_keras", "features"),
+                        "Where computed features are cached (.npz, keyed by images, extractor, weights, size).")
+    flags.DEFINE_integer("seed", 0, "Seed of the regressor's training order.")
 
 
 def parse_size(name, value):
@@ -93,3 +130,23 @@ def dataset_root(name, value):
             raise UserError(f"--{name} is required for --{name.replace('_root', '')}={dataset}.")
         value = DEFAULT_BENCHMARK_ROOT
     return os.path.expanduser(value)
+
+
+def define_export_flags():
+    flags.DEFINE_string("model_dir", None, "A training run folder (its newest checkpoint is exported).")
+    flags.DEFINE_string("output_dir", None, "The export folder to create (SavedModel, .tflite models, metadata).")
+    flags.DEFINE_boolean("overwrite", False, "Replace an existing --output_dir (only once the new export is "
+                         "complete).")
+    flags.DEFINE_string("tflite_size", None, "Fixed W,H input of the .tflite models (default: the run's "
+                        "--target_size).")
+    flags.DEFINE_integer("calibration_images", 100, "Target training images that calibrate the full-int8 model.")
+    flags.DEFINE_list("formats", ["saved_model", "float32", "float16", "dynamic_int8", "int8"],
+                      "What to export: saved_model and the .tflite variants float32, float16, dynamic_int8, int8.")
+
+
+def define_predict_flags():
+    flags.DEFINE_string("model", None, "A training run folder, a SavedModel (or an export folder) or a .tflite "
+                        "file.")
+    flags.DEFINE_string("input", None, "An image, or a folder of images.")
+    flags.DEFINE_string("output_dir", None, "Where NAME_labelTrainIds.png and NAME_overlay.png are written.")
+    flags.DEFINE_float("overlay_alpha", 0.5, "Opacity of the class colours in the overlays.")

@@ -1,8 +1,8 @@
 """The loss terms of PIT and its baselines, as plain functions of tensors.
 
-Every function returns one value per image (`[B]`), never a batch mean: the trainer reduces each term once,
-with `tf.nn.compute_average_loss`, so that the reduction is right under a distribution strategy (gradients are
-summed across replicas).
+Every function returns one float32 value per image (`[B]`), whatever the network's compute dtype, never a
+batch mean: the trainer reduces each term once, with `tf.nn.compute_average_loss`, so that the reduction is
+right under a distribution strategy (gradients are summed across replicas).
 """
 
 import math
@@ -27,7 +27,7 @@ def lse_pool(cam, r, normalize=False):
     Returns:
         `[B, C]` image-level logits.
     """
-    cam = tf.convert_to_tensor(cam)
+    cam = tf.cast(cam, tf.float32)
     shape = tf.shape(cam)
     flat = tf.reshape(cam, [shape[0], shape[1] * shape[2], shape[3]])
     num_pixels = tf.cast(shape[1] * shape[2], cam.dtype)
@@ -68,9 +68,9 @@ def reconstruction_loss(cams, weights, seg):
     Returns:
         `[B]` squared reconstruction error.
     """
-    weights = tf.cast(weights, seg.dtype)
-    recon = tf.add_n([weights[k] * cam for k, cam in enumerate(cams)])
-    return tf.reduce_mean(tf.square(recon - seg), axis=[1, 2, 3])
+    weights = tf.cast(weights, tf.float32)
+    recon = tf.add_n([weights[k] * tf.cast(cam, tf.float32) for k, cam in enumerate(cams)])
+    return tf.reduce_mean(tf.square(recon - tf.cast(seg, tf.float32)), axis=[1, 2, 3])
 
 
 def pixel_cross_entropy(labels, logits, ignore_index=IGNORE_INDEX):

@@ -1,12 +1,15 @@
 """Confusion-matrix segmentation metrics: per-class IoU, mIoU and the paper's results table.
 
-Pure numpy, so the evaluate CLI, training-time validation and tools share it without importing TensorFlow.
+Pure numpy (and Pillow for the heat map), so the evaluate CLI, training-time validation and tools share it
+without importing TensorFlow.
 Conventions follow cityscapesScripts: IoU = TP / (TP + FP + FN) per class, in percent; a class absent from
 both truth and prediction has no IoU (NaN) and is left out of the mean. The paper reports SYNTHIA ->
 Cityscapes twice, over 16 classes (mIoU) and over the 13 without wall, fence and pole (mIoU*); both come from
 one 16-class matrix, so a 13-class evaluation is the "miou13" entry of a 16-class summary.
 """
 
+import csv
+import io
 import json
 import math
 import os
@@ -14,6 +17,7 @@ import pathlib
 import secrets
 
 import numpy as np
+from PIL import Image, ImageDraw, ImageFont
 
 from pit_keras.data import classes
 
@@ -173,9 +177,11 @@ def summarize(cm, class_set):
         class_set: the `classes.ClassSet` the matrix was counted in.
 
     Returns:
-        `{"miou", "per_class_iou", "pixel_accuracy", "num_images", "classes"}` and, for SYNTHIA16, `"miou13"`
-        (mIoU* of the paper: without wall, fence and pole). Percent values are unrounded floats; mIoUs may be
-        NaN, per-class IoUs of absent classes are None.
+        `{"miou", "per_class_iou", "pixel_accuracy", "num_images", "classes", "confusion_matrix"}` and, for
+        SYNTHIA16, `"miou13"` (mIoU* of the paper: without wall, fence and pole). Percent values are unrounded
+        floats; mIoUs may be NaN, per-class IoUs of absent classes are None. `"confusion_matrix"` is the
+        `[C][C + 1]` pixel counts (rows truth, columns prediction; the last column counts predictions outside
+        the classes), enough to recompute every number.
 
     Raises:
         ValueError: if the matrix and the class set disagree on the number of classes.
@@ -193,6 +199,7 @@ def summarize(cm, class_set):
         "pixel_accuracy": pixel_accuracy(cm),
         "num_images": int(cm.num_images),
         "classes": list(class_set.names),
+        "confusion_matrix": cm.full_matrix.tolist(),
     })
     return result
 
@@ -241,6 +248,30 @@ def _json_compatible(value):
     return value
 
 
+def _write_atomic(path, data):
+    """Writes bytes so that readers see the old file or the new one, never a partial one.
+
+    Args:
+        path: destination; missing parent folders are created.
+        data: the file's bytes.
+    """
+    path = pathlib.Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # The temporary file sits in the same folder because os.replace is atomic only within one file system;
+    # os.open with 0o666 lets the umask set the final permissions (tempfile would force 0o600).
+    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+
+
 def write_json(result, path):
     """Writes a result atomically: readers see the old file or the new one, never a partial one.
 
@@ -248,22 +279,112 @@ def write_json(result, path):
         result: a dict from `summarize` (or any JSON-like dict); NaN is written as null.
         path: destination; missing parent folders are created.
     """
-    path = pathlib.Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
     text = json.dumps(_json_compatible(result), indent=2, allow_nan=False) + "\n"
-    # The temporary file sits in the same folder because os.replace is atomic only within one file system;
-    # os.open with 0o666 lets the umask set the final permissions (tempfile would force 0o600).
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            f.write(text)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+    _write_atomic(path, text.encode("utf-8"))
+
+
+def write_csv(result, path):
+    """Writes the per-class table as CSV, atomically: `class,iou` rows, then `mIoU` (and `mIoU*`) rows.
+
+    IoUs are percent at full precision (the JSON's numbers); an absent class or an undefined mean is an
+    empty cell.
+
+    Args:
+        result: a dict from `summarize`.
+        path: destination; missing parent folders are created.
+    """
+    def cell(value):
+        return "" if value is None or math.isnan(value) else repr(float(value))
+
+    text = io.StringIO()
+    writer = csv.writer(text, lineterminator="\n")
+    writer.writerow(["class", "iou"])
+    for name in result["classes"]:
+        writer.writerow([name, cell(result["per_class_iou"][name])])
+    writer.writerow(["mIoU", cell(result["miou"])])
+    if "miou13" in result:
+        writer.writerow(["mIoU*", cell(result["miou13"])])
+    _write_atomic(path, text.getvalue().encode("utf-8"))
+
+
+def confusion_image(counts, names, cell=28):
+    """A row-normalised confusion-matrix heat map with class names, as a Pillow image.
+
+    Each row (a true class) is divided by its pixel count, so a cell is the share of that class's pixels
+    predicted as the column's class, printed in percent where it rounds to at least 1. Rows without labelled
+    pixels are grey. An "other" column (predictions outside the classes) is drawn only when it holds pixels.
+
+    Args:
+        counts: `[C, C]` or `[C, C + 1]` pixel counts, truth by prediction (see `iou_per_class`).
+        names: the C class names.
+        cell: side of a cell in pixels.
+
+    Returns:
+        An RGB `PIL.Image.Image`.
+    """
+    counts = _counts_of(counts).astype(np.float64)
+    num_classes = counts.shape[0]
+    if counts.shape[1] > num_classes and not counts[:, num_classes:].any():
+        counts = counts[:, :num_classes]
+    columns = list(names) + ["other"] * (counts.shape[1] - num_classes)
+    totals = counts.sum(axis=1, keepdims=True)
+    with np.errstate(invalid="ignore", divide="ignore"):
+        shares = np.where(totals > 0, counts / totals, np.nan)
+
+    font = ImageFont.load_default()
+    corner = ("truth (rows)", "prediction", "(columns)")
+    label_size = max(font.getbbox(text, anchor="lt")[2] for text in columns + list(corner)) + 8
+    left = top = 4 + label_size
+    image = Image.new("RGB", (left + cell * len(columns) + 4, top + cell * num_classes + 4), "white")
+    draw = ImageDraw.Draw(image)
+    draw.multiline_text((4, 4), "\n".join(corner), fill="black", font=font)
+    for row, name in enumerate(names):
+        draw.text((left - 4, top + row * cell + cell // 2), name, fill="black", font=font, anchor="rm")
+    # Pillow draws text horizontally only, so each column name is drawn on its own strip and turned upright.
+    for col, name in enumerate(columns):
+        strip = Image.new("RGB", (label_size - 4, cell), "white")
+        ImageDraw.Draw(strip).text((2, cell // 2), name, fill="black", font=font, anchor="lm")
+        image.paste(strip.rotate(90, expand=True), (left + col * cell, 4))
+    for row in range(num_classes):
+        for col in range(len(columns)):
+            x, y, share = left + col * cell, top + row * cell, shares[row, col]
+            # White to dark blue: the darker the cell, the more of the row's pixels it holds.
+            fill = (200, 200, 200) if math.isnan(share) else tuple(
+                int(round(255 - share * (255 - c))) for c in (8, 48, 107))
+            draw.rectangle((x, y, x + cell - 1, y + cell - 1), fill=fill, outline=(225, 225, 225))
+            if not math.isnan(share) and round(100 * share) >= 1:
+                draw.text((x + cell // 2, y + cell // 2), str(round(100 * share)), font=font, anchor="mm",
+                          fill="white" if share > 0.5 else "black")
+    return image
+
+
+def results_paths(json_path):
+    """The files `write_results` writes for a results JSON path: (json, csv, png).
+
+    `eval_val.json` gives `eval_val.csv` and `eval_val_confusion.png` beside it.
+    """
+    json_path = os.fspath(json_path)
+    stem = json_path[: -len(".json")] if json_path.endswith(".json") else json_path
+    return json_path, stem + ".csv", stem + "_confusion.png"
+
+
+def write_results(result, json_path):
+    """Writes a result as JSON, the per-class CSV and the confusion heat map PNG, each atomically.
+
+    Args:
+        result: a dict from `summarize` (the heat map needs its `"confusion_matrix"`).
+        json_path: the JSON's path; the others are named after it (`results_paths`).
+
+    Returns:
+        The (json, csv, png) paths written.
+    """
+    paths = results_paths(json_path)
+    write_json(result, paths[0])
+    write_csv(result, paths[1])
+    png = io.BytesIO()
+    confusion_image(result["confusion_matrix"], result["classes"]).save(png, format="PNG")
+    _write_atomic(paths[2], png.getvalue())
+    return paths
 
 
 def class_set_for(num_classes):

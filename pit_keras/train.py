@@ -22,7 +22,7 @@ def parse_config():
         raise UserError("--method=pit needs --image_labels (a JSON file of target image labels, or ground_truth).")
     if FLAGS.method != "pit" and FLAGS.image_labels:
         raise UserError(f"--image_labels is only used by --method=pit, not --method={FLAGS.method}.")
-    for name in ("batch_size", "num_steps", "log_every"):
+    for name in ("batch_size", "num_steps", "log_every", "cpu_replicas"):
         if FLAGS[name].value <= 0:
             raise UserError(f"--{name}={FLAGS[name].value}: must be positive.")
     lse_r = pit_flags.parse_floats("lse_r", FLAGS.lse_r)
@@ -34,14 +34,16 @@ def parse_config():
         "source_size": pit_flags.parse_size("source_size", FLAGS.source_size),
         "target_size": pit_flags.parse_size("target_size", FLAGS.target_size),
         "backbone": FLAGS.backbone, "backbone_weights": FLAGS.backbone_weights,
-        "num_classes": 19, "class_set": "cityscapes19",
+        "num_classes": 16 if FLAGS.source == "synthia" else 19,
+        "class_set": "synthia16" if FLAGS.source == "synthia" else "cityscapes19",
         "method": FLAGS.method, "lse_r": list(lse_r), "lse_normalize": FLAGS.lse_normalize,
         "lambda_c": FLAGS.lambda_c, "lambda_r": FLAGS.lambda_r, "lambda_ent": FLAGS.lambda_ent,
         "recon_domains": list(FLAGS.recon_domains), "loss_resolution": FLAGS.loss_resolution,
         "interaction_lr_multiplier": FLAGS.interaction_lr_multiplier, "image_labels": FLAGS.image_labels,
         "batch_size": FLAGS.batch_size, "num_steps": FLAGS.num_steps, "learning_rate": FLAGS.learning_rate,
         "momentum": FLAGS.momentum, "weight_decay": FLAGS.weight_decay, "poly_power": FLAGS.poly_power,
-        "seed": FLAGS.seed,
+        "seed": FLAGS.seed, "strategy": FLAGS.strategy, "cpu_replicas": FLAGS.cpu_replicas,
+        "mixed_precision": FLAGS.mixed_precision, "jit_compile": FLAGS.jit_compile,
     }
 
 
@@ -49,11 +51,13 @@ def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected argument {argv[1]!r} (flags are written --name=value).")
     config = parse_config()
-    # TensorFlow is imported only once the flags are known to be good, so a typo fails in a second.
-    from pit_keras import training
-    training.run(config, FLAGS.model_dir, log_every=FLAGS.log_every, image_every=FLAGS.image_every,
-                 checkpoint_every=FLAGS.checkpoint_every, keep_checkpoints=FLAGS.keep_checkpoints,
-                 evaluate=FLAGS.evaluate, verbose=FLAGS.verbose)
+    # TensorFlow is imported only once the flags are known to be good, so a typo fails in a second; the
+    # strategy comes first, before anything initialises TensorFlow's devices.
+    from pit_keras import distribute, training
+    strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
+    training.run(config, FLAGS.model_dir, strategy=strategy, log_every=FLAGS.log_every,
+                 image_every=FLAGS.image_every, checkpoint_every=FLAGS.checkpoint_every,
+                 keep_checkpoints=FLAGS.keep_checkpoints, evaluate=FLAGS.evaluate, verbose=FLAGS.verbose)
 
 
 if __name__ == "__main__":

@@ -92,7 +92,9 @@ class PITTrainer(keras.Model):
     def metrics(self):
         return list(self.trackers.values())
 
-    def call(self, images, training=False):
+    def call(self, inputs, training=False):
+        # Keras builds a model under a distribution strategy by calling it on a training batch.
+        images = inputs["source_image"] if isinstance(inputs, dict) else inputs
         return self.network(images, training=training)
 
     def _unit_maps(self, outputs):
@@ -134,8 +136,10 @@ class PITTrainer(keras.Model):
             # divides by the global batch size and the optimizer sums the replicas' gradients.
             means = {name: tf.nn.compute_average_loss(value) for name, value in terms.items()}
             total = tf.add_n([self.term_weights[name] * mean for name, mean in means.items()])
+            # Under mixed_float16 the optimizer is a LossScaleOptimizer: scale here, it unscales in apply.
+            scaled = self.optimizer.scale_loss(total)
         variables = self.network.trainable_variables
-        gradients = tape.gradient(total, variables)
+        gradients = tape.gradient(scaled, variables)
         if self.interaction_lr_multiplier != 1.0 and self.method == "pit":
             w_path = interaction_weights(self.network).path
             gradients = [g * self.interaction_lr_multiplier if g is not None and v.path == w_path else g

@@ -5,12 +5,15 @@ Kept apart from the CLI (`train.py`) so tests and tools run the same code withou
 
 import math
 import os
+import shutil
+import tempfile
 import time
 
 import keras
 import numpy as np
+import tensorflow as tf
 
-from pit_keras import callbacks, checkpoints, evaluation, metrics
+from pit_keras import callbacks, checkpoints, distribute, evaluation, metrics
 from pit_keras.data import classes, datasets, pipeline, soft_labels
 from pit_keras.data.cityscapes import relative_key
 from pit_keras.errors import UserError
@@ -39,20 +42,19 @@ def build_trainer(config, network):
                                      weight_decay=config["weight_decay"] or None)
     if config["weight_decay"] and config["method"] == "pit":
         optimizer.exclude_from_weight_decay(var_list=[interaction_weights(network)])
-    trainer.compile(optimizer=optimizer)
+    trainer.compile(optimizer=optimizer, jit_compile=config.get("jit_compile", False))
     return trainer
 
 
-def build_dataset(config, trainer):
-    """The zipped training dataset of the run."""
+def load_domains(config, trainer):
+    """File lists and target image labels of the run, read once: `{"source": (pairs, reader),
+    "target": (image paths, [N, C] labels) or None}`."""
     source_pairs, source_reader = datasets.source_pairs(config["source"], config["source_root"])
-    source = pipeline.source_dataset(source_pairs, source_reader, config["source_size"], config["batch_size"],
-                                     seed=config["seed"])
-    target = None
+    domains = {"source": (source_pairs, source_reader), "target": None}
     if trainer.uses_target:
         target_pairs, reader, root = datasets.target_pairs(
             config["target"], config["target_root"], "train",
-            require_labels=config["image_labels"] == "ground_truth")
+            require_labels=config["image_labels"] == "ground_truth", num_classes=config["num_classes"])
         if config["method"] == "pit":
             labels = target_image_labels(config, target_pairs, reader, root)
             origin = ("ground truth (the weakly supervised setting)" if config["image_labels"] == "ground_truth"
@@ -60,49 +62,99 @@ def build_dataset(config, trainer):
             print(f"target image-level labels of {len(target_pairs)} images: {origin}")
         else:
             labels = np.zeros((len(target_pairs), config["num_classes"]), np.float32)
-        target = pipeline.target_dataset([i for i, _ in target_pairs], labels, config["target_size"],
-                                         config["batch_size"], seed=config["seed"])
+        domains["target"] = ([i for i, _ in target_pairs], labels)
+    return domains
+
+
+def build_dataset(config, domains, batch_size, shard=None):
+    """The zipped training dataset: batches of `batch_size` per domain, from one shard of the files."""
+    pairs, reader = domains["source"]
+    source = pipeline.source_dataset(pairs, reader, config["source_size"], batch_size, seed=config["seed"],
+                                     shard=shard)
+    target = None
+    if domains["target"] is not None:
+        paths, labels = domains["target"]
+        target = pipeline.target_dataset(paths, labels, config["target_size"], batch_size, seed=config["seed"],
+                                         shard=shard)
     return pipeline.training_dataset(source, target)
 
 
-def run(config, model_dir, log_every=100, image_every=1000, checkpoint_every=1000, keep_checkpoints=3,
-        evaluate=True, verbose=1):
-    """Trains (or resumes) the run in `model_dir` to `config["num_steps"]` steps; returns the val results
-    dict (None if not evaluated)."""
-    class_set = classes.CLASS_SETS[config["class_set"]]
-    checkpoints.check_or_write_run_config(model_dir, config)
-    keras.utils.set_random_seed(config["seed"])
-    network = build_network(config["backbone"], config["num_classes"],
-                            num_units=len(config["lse_r"]) if config["method"] == "pit" else 0,
-                            backbone_weights=config["backbone_weights"])
-    trainer = build_trainer(config, network)
-    dataset = build_dataset(config, trainer)
+def run(config, model_dir, strategy=None, log_every=100, image_every=1000, checkpoint_every=1000,
+        keep_checkpoints=3, evaluate=True, verbose=1):
+    """Trains (or resumes) the run in `model_dir` to `config["num_steps"]` steps.
 
-    manager = checkpoints.manager(network, trainer.optimizer, model_dir, max_to_keep=keep_checkpoints)
-    resumed = checkpoints.restore_latest(manager, trainer.optimizer, network.trainable_variables)
+    Args:
+        config: the run's configuration (see `train.parse_config`).
+        model_dir: the run folder.
+        strategy: a `tf.distribute.Strategy` (`distribute.make_strategy`); None for the default one.
+        log_every: steps per logged epoch.
+        image_every: steps between TensorBoard pictures.
+        checkpoint_every: steps between checkpoints.
+        keep_checkpoints: how many checkpoints are kept.
+        evaluate: evaluate on the target val split at the end.
+        verbose: Keras progress output (0, 1 or 2).
+
+    Returns:
+        `(trainer, results)`: the trained `PITTrainer` and the val results dict (None if not evaluated, and
+        on workers other than the chief).
+    """
+    strategy = strategy or tf.distribute.get_strategy()
+    chief = distribute.is_chief(strategy)
+    class_set = classes.CLASS_SETS[config["class_set"]]
+    if chief:
+        checkpoints.check_or_write_run_config(model_dir, config)
+    keras.mixed_precision.set_global_policy(config.get("mixed_precision", "float32"))
+    keras.utils.set_random_seed(config["seed"])
+    with strategy.scope():
+        network = build_network(config["backbone"], config["num_classes"],
+                                num_units=len(config["lse_r"]) if config["method"] == "pit" else 0,
+                                backbone_weights=config["backbone_weights"])
+        trainer = build_trainer(config, network)
+        # Built here, inside the scope: the optimizer's slots must be mirrored like the weights they follow.
+        trainer.optimizer.build(network.trainable_variables)
+    distribute.per_replica_batch(config["batch_size"], strategy)
+    domains = load_domains(config, trainer)
+
+    resumed = checkpoints.restore_latest(trainer.network, trainer.optimizer, model_dir)
     step = int(trainer.optimizer.iterations.numpy())
     if resumed:
         print(f"resumed from {resumed} at step {step}")
+    # Workers other than the chief write their (identical) checkpoints to a scratch folder that is discarded.
+    save_dir = model_dir if chief else tempfile.mkdtemp(prefix="pit_keras_worker_")
+    manager = checkpoints.manager(network, trainer.optimizer, save_dir, max_to_keep=keep_checkpoints)
     start = time.time()
-    if step < config["num_steps"]:
-        sample = next(iter(dataset))
-        trainer.fit(
-            dataset, epochs=math.ceil(config["num_steps"] / log_every), initial_epoch=step // log_every,
-            steps_per_epoch=log_every, verbose=verbose, shuffle=False,
-            callbacks=[callbacks.StopAtStep(config["num_steps"]),
-                       callbacks.Checkpointer(manager, checkpoint_every),
-                       callbacks.TensorBoardLogger(os.path.join(model_dir, "logs"), sample, class_set, image_every)])
+    try:
+        if step < config["num_steps"]:
+            run_callbacks = [callbacks.StopAtStep(config["num_steps"]),
+                             callbacks.Checkpointer(manager, checkpoint_every)]
+            if chief:
+                sample = next(iter(build_dataset(config, domains, 2)))
+                run_callbacks.append(callbacks.TensorBoardLogger(os.path.join(model_dir, "logs"), sample, class_set,
+                                                                 image_every))
+            fit_args = dict(epochs=math.ceil(config["num_steps"] / log_every), initial_epoch=step // log_every,
+                            steps_per_epoch=log_every, verbose=verbose if chief else 0, callbacks=run_callbacks)
+            if distribute.is_multi_worker(strategy):
+                data = strategy.distribute_datasets_from_function(
+                    lambda context: build_dataset(
+                        config, domains, context.get_per_replica_batch_size(config["batch_size"]),
+                        shard=(context.num_input_pipelines, context.input_pipeline_id)))
+                distribute.fit_custom_loop(trainer, data, strategy, **fit_args)
+            else:
+                trainer.fit(build_dataset(config, domains, config["batch_size"]), shuffle=False, **fit_args)
+    finally:
+        if not chief:
+            shutil.rmtree(save_dir, ignore_errors=True)
     print(f"trained to step {int(trainer.optimizer.iterations.numpy())} in {time.time() - start:.0f} s")
-    if not evaluate:
-        return None
-    return evaluate_run(config, network, model_dir, class_set)
+    if not (evaluate and chief):
+        return trainer, None
+    return trainer, evaluate_run(config, network, model_dir, class_set)
 
 
 def evaluate_run(config, network, model_dir, class_set, split="val"):
     """Evaluates a trained network on the target split if it has labels; prints and writes the results."""
     try:
         pairs, reader, _ = datasets.target_pairs(config["target"], config["target_root"], split,
-                                                 require_labels=True)
+                                                 require_labels=True, num_classes=config["num_classes"])
     except UserError as err:  # a target without val labels is normal in UDA
         print(f"not evaluated: {err}")
         return None

@@ -1,10 +1,13 @@
 """Tests of pit_keras.metrics against scikit-learn and numbers worked out by hand."""
 
+import csv
 import json
 import math
+import os
 
 import numpy as np
 import pytest
+from PIL import Image
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
 from pit_keras import metrics
@@ -218,3 +221,53 @@ def test_class_set_for():
         metrics.class_set_for(7)
     with pytest.raises(ValueError, match="Cannot evaluate 7 classes"):
         metrics.select_miou({"classes": [], "miou": 0.0}, 7)
+
+
+def test_summarize_keeps_the_full_confusion_matrix():
+    cm = metrics.ConfusionMatrix(2)
+    cm.update(np.array([[0, 0, 1, 255]]), np.array([[0, 7, 1, 1]]))
+    result = metrics.summarize(cm, classes.ClassSet("two", ("a", "b"), ((0, 0, 0), (1, 1, 1))))
+    assert result["confusion_matrix"] == [[1, 0, 1], [0, 1, 0]]
+    np.testing.assert_allclose(metrics.iou_per_class(np.array(result["confusion_matrix"])), [50.0, 100.0])
+
+
+def test_write_csv_has_a_row_per_class_and_the_means(tmp_path):
+    result = _synthia16_result()
+    result["per_class_iou"]["road"] = None
+    path = tmp_path / "eval.csv"
+    metrics.write_csv(result, path)
+    rows = list(csv.reader(path.open(newline="")))
+    assert rows[0] == ["class", "iou"]
+    assert [r[0] for r in rows[1:]] == list(classes.SYNTHIA16.names) + ["mIoU", "mIoU*"]
+    values = dict(rows[1:])
+    assert values["road"] == ""
+    assert float(values["sidewalk"]) == 75.0
+    assert float(values["mIoU"]) == result["miou"] and float(values["mIoU*"]) == result["miou13"]
+
+
+def test_results_paths_and_write_results(tmp_path):
+    assert metrics.results_paths("a/eval_val.json") == ("a/eval_val.json", "a/eval_val.csv",
+                                                        "a/eval_val_confusion.png")
+    assert metrics.results_paths("a/out") == ("a/out", "a/out.csv", "a/out_confusion.png")
+    cm = metrics.ConfusionMatrix(19)
+    cm.update(np.array([[0, 0, 18, 18]]), np.array([[0, 1, 18, 18]]))
+    written = metrics.write_results(metrics.summarize(cm, classes.CITYSCAPES19), tmp_path / "r" / "eval.json")
+    assert sorted(os.listdir(tmp_path / "r")) == ["eval.csv", "eval.json", "eval_confusion.png"]
+    assert json.loads(open(written[0]).read())["miou"] == 50.0
+    with Image.open(written[2]) as png:
+        assert png.format == "PNG" and png.mode == "RGB"
+
+
+def test_confusion_image_is_row_normalised_with_other_column_only_when_used():
+    names = ("road", "car")
+    darkest, grey, white = (8, 48, 107), (200, 200, 200), (255, 255, 255)
+    # Row "road" is all correct (the darkest blue); row "car" has no pixels (grey).
+    image = metrics.confusion_image(np.array([[40, 0, 0], [0, 0, 0]]), names, cell=20)
+    colours = {colour for _, colour in image.getcolors(maxcolors=1 << 16)}
+    assert {darkest, grey, white} <= colours
+    half = metrics.confusion_image(np.array([[20, 0, 20], [0, 0, 0]]), names, cell=20)
+    assert half.width == image.width + 20 and half.height == image.height
+    assert darkest not in {colour for _, colour in half.getcolors(maxcolors=1 << 16)}
+    # Normalised per row: ten times the counts draw the same picture.
+    assert metrics.confusion_image(np.array([[400, 0], [3, 1]]), names).tobytes() == \
+        metrics.confusion_image(np.array([[40, 0], [30, 10]]), names).tobytes()

@@ -1,6 +1,6 @@
 """From dataset flags to file lists and label readers, for every source and target the toolkit knows."""
 
-from pit_keras.data import cityscapes, gta5, synthetic
+from pit_keras.data import cityscapes, classes, gta5, synthetic, synthia
 
 
 def benchmark_roots(root):
@@ -14,14 +14,31 @@ def benchmark_roots(root):
 
 def source_pairs(name, root):
     """`(pairs, reader)` of a labelled source: (image, label) paths and `reader(path) -> train ids`."""
+    if name == "synthia":
+        return synthia.list_pairs(root), synthia.read_train_ids
     if name == "synthetic":
         root = benchmark_roots(root)[0]
     return gta5.list_pairs(root), gta5.read_train_ids
 
 
-def target_pairs(name, root, split, require_labels=False):
+_TRAIN19_TO_TRAIN16 = classes.train19_to_train16()
+
+
+def _read_train16(path):
+    """A Cityscapes label in the 16 SYNTHIA classes (terrain, truck, train -> 255)."""
+    return _TRAIN19_TO_TRAIN16[cityscapes.read_train_ids(path)]
+
+
+def target_pairs(name, root, split, require_labels=False, num_classes=19):
     """`(pairs, reader, root)` of a target split: (image, label or None) paths, the label reader, and the
-    dataset root the image-labels JSON keys are relative to."""
+    dataset root the image-labels JSON keys are relative to.
+
+    `num_classes` is the run's label space: 19 (GTA5 sources) or 16 (SYNTHIA sources, whose reader maps the
+    Cityscapes train ids into the 16 SYNTHIA classes).
+    """
+    if num_classes not in (19, 16):
+        raise ValueError(f"num_classes={num_classes}: targets are read in 19 or 16 classes.")
     if name == "synthetic":
         root = benchmark_roots(root)[1]
-    return cityscapes.list_images(root, split, require_labels), cityscapes.read_train_ids, root
+    reader = cityscapes.read_train_ids if num_classes == 19 else _read_train16
+    return cityscapes.list_images(root, split, require_labels), reader, root

@@ -32,8 +32,9 @@ def build_network(backbone, num_classes, num_units=3, backbone_weights="none"):
     """
     # === Layers ===
     feature_extractor = backbones.build_backbone(backbone, backbone_weights)
-    fine_head = heads.classifier_head(num_classes, "fine_head")
-    coarse_heads = [heads.classifier_head(num_classes, f"coarse_head_{k}") for k in range(num_units)]
+    head_kind = backbones.BACKBONES[backbone].head
+    fine_head = heads.build_head(head_kind, num_classes, "fine_head")
+    coarse_heads = [heads.build_head(head_kind, num_classes, f"coarse_head_{k}") for k in range(num_units)]
 
     # === Functional Model ===
     image = keras.Input((None, None, 3), name="image")

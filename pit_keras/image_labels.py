@@ -1,0 +1,76 @@
+"""Estimates the target images' image-level labels y_t with the paper's regressor and writes them as JSON.
+
+    python -m pit_keras.image_labels --source=gta5 --source_root=GTA5 --target=cityscapes \\
+        --target_root=CITYSCAPES --output=runs/gta2cs_image_labels.json
+
+One softmax layer on frozen Inception-ResNet-v2 features (ImageNet), trained on the source images' class shares,
+then applied to the target training images. The JSON feeds `python -m pit_keras.train --image_labels=`. Where
+the target has labels, the chi-squared distance to their true shares is printed next to two priors (the source
+mean, uniform): an estimate no closer than the source-mean prior carries no information (DESIGN.md section 6).
+"""
+
+import os
+
+from absl import flags
+
+from pit_keras import flags as pit_flags
+from pit_keras.errors import UserError, run_main
+
+pit_flags.define_image_labels_flags()
+FLAGS = flags.FLAGS
+
+
+def parse_config():
+    """The command's settings from the flags, checked before TensorFlow is imported."""
+    if not FLAGS.output:
+        raise UserError("--output is required (the image-labels JSON to write).")
+    if os.path.isdir(os.path.expanduser(FLAGS.output)):
+        raise UserError(f"--output={FLAGS.output} is a folder; name the JSON file to write.")
+    if FLAGS.epochs < 0:
+        raise UserError(f"--epochs={FLAGS.epochs}: must be zero or more.")
+    if FLAGS.features == "backbone":
+        if not FLAGS.model_dir:
+            raise UserError("--features=backbone needs --model_dir (a training run folder).")
+        if FLAGS["features_weights"].present:
+            raise UserError("--features_weights does not apply to --features=backbone (the run's checkpoint is "
+                            "used).")
+    weights = FLAGS.features_weights
+    weights = None if weights == "none" else weights if weights == "imagenet" else os.path.expanduser(weights)
+    return {
+        "source": FLAGS.source, "source_root": pit_flags.dataset_root("source_root", FLAGS.source_root),
+        "target": FLAGS.target, "target_root": pit_flags.dataset_root("target_root", FLAGS.target_root),
+        "num_classes": 16 if FLAGS.source == "synthia" else 19,
+        "features": FLAGS.features, "features_weights": weights,
+        "image_size": pit_flags.parse_size("image_size", FLAGS.image_size), "epochs": FLAGS.epochs,
+        "model_dir": FLAGS.model_dir, "cache_dir": os.path.expanduser(FLAGS.cache_dir), "seed": FLAGS.seed,
+    }
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected argument {argv[1]!r} (flags are written --name=value).")
+    config = parse_config()
+    output = os.path.expanduser(FLAGS.output)
+    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    from pit_keras import regressor
+    from pit_keras.data import soft_labels
+
+    result = regressor.estimate_target_labels(**config)
+    soft_labels.write_json(output, result["keys"], result["labels"])
+    print(f"wrote image-level labels of {result['num_target']} target images ({config['num_classes']} classes, "
+          f"regressor trained on {result['num_source']} source images) to {output}")
+    report = result["report"]
+    if report is None:
+        print("the target training images have no labels: no distance to the truth to report")
+        return
+    print(f"distance to the true shares of {report['num_images']} labelled target images (lower is better):")
+    print(f"  {'estimate':20} {'chi-squared':>12} {'L1':>8}")
+    for name in ("regressor", "source-mean prior", "uniform prior"):
+        print(f"  {name:20} {report[name]['chi2']:>12.4f} {report[name]['l1']:>8.4f}")
+    if report["regressor"]["chi2"] >= report["source-mean prior"]["chi2"]:
+        print("warning: the regressor is no closer to the target truth than the source-mean prior; its labels "
+              "carry no information about the target images.")
+
+
+if __name__ == "__main__":
+    run_main(main)

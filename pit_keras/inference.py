@@ -1,0 +1,315 @@
+"""Loading and running a trained segmenter, whatever form it ships in: a training run folder (Keras network and
+its newest checkpoint), an exported SavedModel, or a `.tflite` model run by LiteRT.
+
+Every kind is wrapped in a `Predictor` that maps one uint8 RGB image `[H, W, 3]` of any size to train ids
+`[H, W]` at that size, so `predict`, the export tests and the benchmark treat them alike. The Keras predictor
+runs the very function that the export saves (`serving_function`), so a SavedModel and its run give the
+same labels by construction, and the tests check that they do after the round trip through disk.
+"""
+
+import json
+import os
+import re
+
+import numpy as np
+from PIL import Image
+
+from pit_keras.data import classes
+from pit_keras.errors import UserError
+
+# Larger images are refused before decoding: a 50 MP RGB image is 150 MB of pixels and far more in float
+# activations, and a decompression bomb should fail with a sentence, not an out-of-memory kill.
+MAX_MEGAPIXELS = 50
+IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
+METADATA_FILE = "metadata.json"
+SAVED_MODEL_SUBDIR = os.path.join("saved_model", "pit")
+
+
+def read_image(path, max_megapixels=MAX_MEGAPIXELS):
+    """Reads an image file as `[H, W, 3]` uint8 RGB.
+
+    Alpha is dropped (the network never saw transparency), grey and palette images are expanded to RGB, and
+    16-bit grey images are scaled to 8 bits.
+
+    Args:
+        path: an image file Pillow can read.
+        max_megapixels: larger images are refused before their pixels are decoded.
+
+    Raises:
+        UserError: if the file is missing, unreadable or too large.
+    """
+    if not os.path.isfile(path):
+        raise UserError(f"{path}: no such image file.")
+    try:
+        with Image.open(path) as image:
+            megapixels = image.width * image.height / 1e6
+            if megapixels > max_megapixels:
+                raise UserError(f"{path} is {image.width}x{image.height} ({megapixels:.0f} MP), over the "
+                                f"{max_megapixels} MP limit; downscale it first.")
+            if image.mode in ("I", "I;16", "I;16B", "I;16L"):
+                grey = np.asarray(image, np.float64) * (255.0 / 65535.0)
+                return np.repeat(np.clip(grey.round(), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
+            return np.asarray(image.convert("RGB"), np.uint8)
+    except (OSError, Image.DecompressionBombError) as err:
+        raise UserError(f"{path}: not a readable image ({err}).") from None
+
+
+def list_images(path):
+    """The image files to predict: `path` itself, or the images directly inside the folder `path`, sorted.
+
+    Raises:
+        UserError: if the path does not exist or the folder holds no image.
+    """
+    if os.path.isfile(path):
+        return [path]
+    if not os.path.isdir(path):
+        raise UserError(f"--input={path}: no such file or folder.")
+    images = sorted(os.path.join(path, name) for name in os.listdir(path)
+                    if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name)))
+    if not images:
+        raise UserError(f"--input={path}: the folder holds no {'/'.join(IMAGE_EXTENSIONS)} images.")
+    return images
+
+
+def checkpoint_step(checkpoint_path):
+    """The training step of a checkpoint (the trainer numbers checkpoints by step: `ckpt-STEP`)."""
+    match = re.search(r"-(\d+)$", checkpoint_path)
+    return int(match.group(1)) if match else None
+
+
+def load_segmenter(model_dir):
+    """The fine segmenter of a training run at its newest checkpoint.
+
+    Args:
+        model_dir: a training run folder (`run.json` and `checkpoints/`).
+
+    Returns:
+        `(segmenter, config, checkpoint path)`; the segmenter maps float RGB `[B, H, W, 3]` in [0, 255] to
+        logits at the input size, without the coarse units.
+    """
+    from pit_keras import checkpoints
+    from pit_keras.models.network import build_network, fine_segmenter
+
+    config = checkpoints.read_run_config(model_dir)
+    units = len(config["lse_r"]) if config["method"] == "pit" else 0
+    network = build_network(config["backbone"], config["num_classes"], num_units=units)
+    checkpoint = checkpoints.restore_network(network, model_dir)
+    return fine_segmenter(network), config, checkpoint
+
+
+def serving_function(segmenter, target_size):
+    """The function behind the SavedModel's `serving_default` signature (input spec: `serving_signature()`).
+
+    It takes uint8 RGB images `[batch, H, W, 3]` of any size, resizes them bilinearly to the run's
+    `target_size` (the resolution the network was trained at, as evaluation does), runs the segmenter and
+    resizes the logits back to `H x W` before the softmax and the argmax, so the outputs have the input's size.
+
+    Args:
+        segmenter: a Keras model from float RGB in [0, 255] to logits (`load_segmenter`).
+        target_size: (W, H) the network runs at.
+
+    Returns:
+        `serve(images) -> {"labels": int32 [batch, H, W], "probabilities": float32 [batch, H, W, C]}`.
+    """
+    import tensorflow as tf
+
+    width, height = target_size
+
+    def serve(images):
+        input_size = tf.shape(images)[1:3]
+        resized = tf.image.resize(tf.cast(images, tf.float32), (height, width), method="bilinear")
+        logits = segmenter(resized, training=False)
+        logits = tf.image.resize(logits, input_size, method="bilinear")
+        return {"labels": tf.math.argmax(logits, axis=-1, output_type=tf.int32),
+                "probabilities": tf.nn.softmax(logits, axis=-1)}
+
+    return serve
+
+
+def serving_signature():
+    """The input spec of `serving_function`: a batch of uint8 RGB images of any size, named `images`."""
+    import tensorflow as tf
+
+    return tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
+
+
+def find_metadata(path):
+    """The export's `metadata.json` for a model path inside an export folder, or None.
+
+    Looks beside the path and up to three folders above it (a SavedModel sits at
+    `OUTPUT/saved_model/pit/VERSION/`).
+    """
+    folder = path if os.path.isdir(path) else os.path.dirname(os.path.abspath(path))
+    for _ in range(4):
+        candidate = os.path.join(folder, METADATA_FILE)
+        if os.path.isfile(candidate):
+            with open(candidate) as f:
+                return json.load(f)
+        folder = os.path.dirname(folder)
+    return None
+
+
+class Predictor:
+    """Maps a uint8 RGB image `[H, W, 3]` to train ids `[H, W]` (int32) at the image's size.
+
+    Attributes:
+        class_set: the label space the ids index (`classes.ClassSet`), for palettes.
+        kind: "model_dir", "saved_model" or "tflite".
+    """
+
+    kind = None
+
+    def __init__(self, class_set):
+        self.class_set = class_set
+
+    def __call__(self, image):
+        raise NotImplementedError
+
+
+class KerasPredictor(Predictor):
+    """A training run's network at its newest checkpoint, through the export's serving function."""
+
+    kind = "model_dir"
+
+    def __init__(self, model_dir):
+        import tensorflow as tf
+
+        segmenter, config, self.checkpoint = load_segmenter(model_dir)
+        super().__init__(classes.CLASS_SETS[config["class_set"]])
+        self.serve = tf.function(serving_function(segmenter, config["target_size"]),
+                                 input_signature=[serving_signature()])
+
+    def __call__(self, image):
+        return self.serve(image[None])["labels"][0].numpy()
+
+
+class SavedModelPredictor(Predictor):
+    """An exported SavedModel's `serving_default` signature."""
+
+    kind = "saved_model"
+
+    def __init__(self, path, class_set):
+        import tensorflow as tf
+
+        super().__init__(class_set)
+        signatures = tf.saved_model.load(path).signatures
+        if "serving_default" not in signatures:
+            raise UserError(f"{path}: the SavedModel has no serving_default signature (not a pit_keras export?).")
+        self.signature = signatures["serving_default"]
+
+    def __call__(self, image):
+        return self.signature(images=image[None])["labels"][0].numpy()
+
+
+class TFLitePredictor(Predictor):
+    """A `.tflite` model in LiteRT. Its input size is fixed, so images are resized to it and the output is
+    resized back: the probabilities bilinearly where the model has them (as the SavedModel does with logits),
+    else the labels by nearest neighbour."""
+
+    kind = "tflite"
+
+    def __init__(self, path, class_set, num_threads=None):
+        from ai_edge_litert.interpreter import Interpreter
+
+        super().__init__(class_set)
+        try:
+            self.interpreter = Interpreter(model_path=path, num_threads=num_threads)
+        except ValueError as err:
+            raise UserError(f"{path}: not a valid .tflite model ({err}).") from None
+        self.runner = self.interpreter.get_signature_runner()
+        details = self.runner.get_input_details()["images"]
+        self.input_height, self.input_width = (int(d) for d in details["shape"][1:3])
+        self.outputs = set(self.runner.get_output_details())
+
+    def run(self, image):
+        """Runs the model on an image already at its input size; returns the dict of outputs (batch of 1)."""
+        return self.runner(images=image[None])
+
+    def __call__(self, image):
+        import tensorflow as tf
+
+        height, width = image.shape[:2]
+        fixed = (self.input_height, self.input_width)
+        resized = image
+        if (height, width) != fixed:
+            resized = tf.cast(tf.round(tf.image.resize(image, fixed, method="bilinear")), tf.uint8).numpy()
+        outputs = self.run(resized)
+        if (height, width) == fixed:
+            return outputs["labels"][0]
+        if "probabilities" in self.outputs:
+            probabilities = tf.image.resize(outputs["probabilities"], (height, width), method="bilinear")
+            return tf.math.argmax(probabilities[0], axis=-1, output_type=tf.int32).numpy()
+        labels = tf.image.resize(outputs["labels"][0][..., None], (height, width), method="nearest")
+        return labels[..., 0].numpy()
+
+
+def load_predictor(path, num_threads=None):
+    """The predictor of a model path.
+
+    Args:
+        path: a training run folder (with `run.json`), a SavedModel folder (with `saved_model.pb`), an export
+            folder (its newest `saved_model/pit/VERSION/` is used) or a `.tflite` file.
+        num_threads: LiteRT interpreter threads (None: its default).
+
+    Raises:
+        UserError: if the path is none of these.
+    """
+    from pit_keras import checkpoints
+
+    if os.path.isfile(path) and path.endswith(".tflite"):
+        return TFLitePredictor(path, _class_set_of(path), num_threads=num_threads)
+    if os.path.isfile(os.path.join(path, checkpoints.RUN_FILE)):
+        return KerasPredictor(path)
+    saved_model = path
+    versions_dir = os.path.join(path, SAVED_MODEL_SUBDIR)
+    if os.path.isdir(versions_dir):
+        versions = [v for v in os.listdir(versions_dir) if v.isdigit()]
+        if versions:
+            saved_model = os.path.join(versions_dir, max(versions, key=int))
+    if os.path.isfile(os.path.join(saved_model, "saved_model.pb")):
+        return SavedModelPredictor(saved_model, _class_set_of(saved_model))
+    raise UserError(f"--model={path}: not a training run folder, a SavedModel, an export folder or a .tflite file.")
+
+
+def _class_set_of(path):
+    metadata = find_metadata(path)
+    if metadata is None:
+        return classes.CITYSCAPES19
+    return classes.CLASS_SETS[metadata["class_set"]]
+
+
+def predict_files(predictor, images, output_dir, alpha=0.5, progress=True):
+    """Writes `NAME_labelTrainIds.png` (8-bit train ids) and `NAME_overlay.png` (palette colours over the
+    image) into `output_dir` for each image.
+
+    Args:
+        predictor: a `Predictor`.
+        images: image file paths (`list_images`).
+        output_dir: created if missing.
+        alpha: opacity of the colours in the overlay.
+        progress: show a progress bar for more than one image.
+
+    Returns:
+        The paths written, two per image.
+    """
+    from pit_keras import visualize
+
+    os.makedirs(output_dir, exist_ok=True)
+    bar = None
+    if progress and len(images) > 1:
+        import keras
+        bar = keras.utils.Progbar(len(images), unit_name="image")
+    written = []
+    for index, path in enumerate(images, start=1):
+        image = read_image(path)
+        labels = np.asarray(predictor(image)).astype(np.uint8)
+        name = os.path.splitext(os.path.basename(path))[0]
+        label_path = os.path.join(output_dir, f"{name}_labelTrainIds.png")
+        overlay_path = os.path.join(output_dir, f"{name}_overlay.png")
+        Image.fromarray(labels).save(label_path)
+        Image.fromarray(visualize.overlay(image, visualize.colorize(labels, predictor.class_set), alpha)).save(
+            overlay_path)
+        written += [label_path, overlay_path]
+        if bar is not None:
+            bar.update(index)
+    return written

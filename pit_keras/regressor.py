@@ -1,0 +1,282 @@
+"""The image-level category regressor (paper section 4.2, after [41]): target images' class shares y_t estimated
+by one softmax layer on frozen image features, trained on the source images' shares y_s.
+
+Features: a keras.applications model (the paper: Inception-ResNet-v2 with ImageNet weights), global-average
+pooled, or the backbone of a trained PIT run. They are computed once per (image list, extractor, weights, size)
+and cached as `.npz` (no pickle), so retraining the softmax layer with other settings costs seconds.
+
+Training follows the paper's 5.2: SGD, learning rate 1e-4, momentum 0.9, exponential decay 0.99 per epoch with
+a floor of 1e-6, soft-label cross-entropy. The layer starts at the source-mean prior (zero weights, bias = log of
+the mean source shares), so training moves it away from that prior only as far as the features justify: DESIGN.md
+section 6 warns that a regressor can end up further from the target's truth than the prior, and the report
+prints both.
+"""
+
+import dataclasses
+import hashlib
+import importlib
+import json
+import math
+import os
+
+import keras
+import numpy as np
+import tensorflow as tf
+
+from pit_keras import checkpoints
+from pit_keras.data import cityscapes, datasets, pipeline, soft_labels
+from pit_keras.errors import UserError
+from pit_keras.models.network import build_network
+
+DEFAULT_FEATURES = "InceptionResNetV2"
+BACKBONE_FEATURES = "backbone"
+LEARNING_RATE = 1e-4
+MOMENTUM = 0.9
+DECAY_RATE = 0.99  # per epoch
+MIN_LEARNING_RATE = 1e-6
+BATCH_SIZE = 32
+FEATURE_BATCH_SIZE = 8
+# Cache format version: bump when what a cache file holds changes.
+_CACHE_VERSION = 1
+
+
+@dataclasses.dataclass
+class FeatureExtractor:
+    """A frozen image -> feature-vector model.
+
+    Args:
+        model: `[B, H, W, 3]` -> `[B, D]`.
+        preprocess: applied to float RGB batches in [0, 255] before `model` (numpy in, array out).
+        key: what identifies the features it computes (name, weights, checkpoint), for the cache.
+    """
+
+    model: keras.Model
+    preprocess: callable
+    key: dict
+
+
+def _file_identity(path):
+    stat = os.stat(path)
+    return {"path": os.path.abspath(path), "size": stat.st_size, "mtime_ns": stat.st_mtime_ns}
+
+
+def _applications_constructor(name):
+    constructor = getattr(keras.applications, name, None)
+    if not (callable(constructor) and name[:1].isupper()):
+        examples = "InceptionResNetV2, ResNet50, MobileNetV3Small"
+        raise UserError(f"--features={name} is not a keras.applications model (e.g. {examples}) or "
+                        f"{BACKBONE_FEATURES}.")
+    return constructor
+
+
+def feature_extractor(name=DEFAULT_FEATURES, weights="imagenet", image_size=(512, 256), model_dir=None):
+    """Builds the frozen feature extractor.
+
+    Args:
+        name: a keras.applications model name, or "backbone" for the backbone of the run in `model_dir`.
+        weights: "imagenet", None or a local weights file of that keras.applications model (without its top);
+            ignored for "backbone", whose weights are the run's newest checkpoint.
+        image_size: (W, H) of the images fed to it.
+        model_dir: a training run folder (for "backbone").
+    """
+    width, height = image_size
+    if name == BACKBONE_FEATURES:
+        if not model_dir:
+            raise UserError(f"--features={BACKBONE_FEATURES} needs --model_dir (a training run folder).")
+        config = checkpoints.read_run_config(model_dir)
+        units = len(config["lse_r"]) if config["method"] == "pit" else 0
+        network = build_network(config["backbone"], config["num_classes"], num_units=units)
+        checkpoint = checkpoints.restore_network(network, model_dir)
+        backbone = next(layer for layer in network.layers if isinstance(layer, keras.Model))
+        image = keras.Input((height, width, 3), name="image")
+        pooled = keras.layers.GlobalAveragePooling2D(name="avg_pool")(backbone(image, training=False))
+        model = keras.Model(image, pooled, name=f"{backbone.name}_features")
+        # Each backbone preprocesses inside its graph; the checkpoint's files identify its weights.
+        key = {"features": name, "backbone": config["backbone"],
+               "checkpoint": [_file_identity(p) for p in sorted(tf.io.gfile.glob(checkpoint + "*"))]}
+        return FeatureExtractor(model, lambda images: images, key)
+
+    constructor = _applications_constructor(name)
+    if weights not in ("imagenet", None) and not os.path.isfile(weights):
+        raise UserError(f"--features_weights={weights}: no such file (expected imagenet, none or a weights file).")
+    try:
+        model = constructor(include_top=False, weights=weights, pooling="avg", input_shape=(height, width, 3))
+    except ValueError as err:
+        if "input" in str(err).lower() and ("size" in str(err).lower() or "shape" in str(err).lower()):
+            raise UserError(f"--image_size={width},{height} does not suit --features={name} ({err}).") from None
+        raise UserError(f"--features_weights={weights}: could not load it into keras.applications.{name} "
+                        f"without its top ({err}).") from None
+    except Exception as err:  # keras raises a bare Exception when a download fails
+        raise UserError(f"--features_weights={weights}: could not get the weights of {name} ({err}); download "
+                        "them once with internet access, or pass a local weights file.") from None
+    model.trainable = False
+    preprocess = importlib.import_module(constructor.__module__).preprocess_input
+    weights_key = _file_identity(weights) if weights not in ("imagenet", None) else weights
+    return FeatureExtractor(model, preprocess, {"features": name, "weights": weights_key})
+
+
+def compute_features(extractor, image_paths, image_size, batch_size=FEATURE_BATCH_SIZE, progress=True):
+    """`[N, D]` float32 features of the images, resized bilinearly to image_size=(W, H)."""
+    ds = tf.data.Dataset.from_tensor_slices(list(image_paths))
+    ds = ds.map(lambda p: pipeline.load_image(p, image_size), num_parallel_calls=pipeline.AUTOTUNE)
+    ds = ds.batch(batch_size).prefetch(pipeline.AUTOTUNE)
+    rows, done = [], 0
+    for images in ds:
+        rows.append(np.asarray(extractor.model(extractor.preprocess(images.numpy()), training=False), np.float32))
+        done += len(rows[-1])
+        if progress and (done == len(image_paths) or done % (50 * batch_size) == 0):
+            print(f"  features: {done}/{len(image_paths)} images", flush=True)
+    return np.concatenate(rows) if rows else np.zeros((0, 0), np.float32)
+
+
+def cache_key(extractor, image_paths, image_size):
+    """A hash of everything the features depend on: the images (path, size, time), extractor, weights, size."""
+    payload = {"version": _CACHE_VERSION, "extractor": extractor.key, "image_size": list(image_size),
+               "images": [_file_identity(p) for p in image_paths]}
+    return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()
+
+
+def cached_features(extractor, image_paths, image_size, cache_dir, progress=True):
+    """Features from `cache_dir` if computed before with the same key, else computed and stored there.
+
+    Returns:
+        `(features, cache path, whether it was a cache hit)`.
+    """
+    key = cache_key(extractor, image_paths, image_size)
+    path = os.path.join(cache_dir, f"features-{key[:24]}.npz")
+    if os.path.isfile(path):
+        try:
+            with np.load(path, allow_pickle=False) as cached:
+                if cached["key"].item() == key and list(cached["paths"]) == [str(p) for p in image_paths]:
+                    return cached["features"], path, True
+        except (OSError, ValueError, KeyError):
+            pass  # unreadable or foreign: recompute and overwrite
+    features = compute_features(extractor, image_paths, image_size, progress=progress)
+    os.makedirs(cache_dir, exist_ok=True)
+    tmp = f"{path}.tmp-{os.getpid()}.npz"
+    np.savez(tmp, features=features, paths=np.asarray([str(p) for p in image_paths]), key=np.asarray(key))
+    os.replace(tmp, path)
+    return features, path, False
+
+
+def source_shares(pairs, reader, num_classes):
+    """`[N, C]` class shares of the source images' labelled pixels (y_s, paper Eq. in 4.2)."""
+    return np.stack([soft_labels.shares(reader(label), num_classes) for _, label in pairs]).astype(np.float32)
+
+
+@keras.saving.register_keras_serializable(package="pit_keras")
+class FlooredExponentialDecay(keras.optimizers.schedules.LearningRateSchedule):
+    """`max(minimum, initial * decay_rate ** (step / decay_steps))`.
+
+    Args:
+        initial_learning_rate: the rate at step 0.
+        decay_steps: steps per decay (one epoch here).
+        decay_rate: the factor per `decay_steps`.
+        minimum: the floor.
+    """
+
+    def __init__(self, initial_learning_rate, decay_steps, decay_rate, minimum):
+        self.initial_learning_rate = initial_learning_rate
+        self.decay_steps = decay_steps
+        self.decay_rate = decay_rate
+        self.minimum = minimum
+
+    def __call__(self, step):
+        exponent = keras.ops.cast(step, "float32") / float(self.decay_steps)
+        rate = self.initial_learning_rate * keras.ops.power(float(self.decay_rate), exponent)
+        return keras.ops.maximum(rate, self.minimum)
+
+    def get_config(self):
+        return {"initial_learning_rate": self.initial_learning_rate, "decay_steps": self.decay_steps,
+                "decay_rate": self.decay_rate, "minimum": self.minimum}
+
+
+def build_regressor(feature_dim, prior):
+    """One softmax layer from `feature_dim` features to C shares, starting at `prior` (`[C]`, sums to 1)."""
+    prior = np.asarray(prior, np.float64)
+    bias = np.log(np.maximum(prior, 1e-8))
+    return keras.Sequential([
+        keras.Input((feature_dim,), name="features"),
+        keras.layers.Dense(len(prior), activation="softmax", kernel_initializer="zeros",
+                           bias_initializer=keras.initializers.Constant(bias - bias.mean()), name="shares"),
+    ], name="image_level_regressor")
+
+
+def train_regressor(features, shares, epochs, learning_rate=LEARNING_RATE, momentum=MOMENTUM,
+                    decay_rate=DECAY_RATE, min_learning_rate=MIN_LEARNING_RATE, batch_size=BATCH_SIZE, seed=0,
+                    verbose=0):
+    """Fits the softmax layer to the source shares with soft-label cross-entropy; images without a labelled
+    pixel (all-zero shares) are left out. Returns the trained model."""
+    keep = shares.sum(axis=1) > 0
+    if not keep.any():
+        raise UserError("no source image has a labelled pixel: there is nothing to train the regressor on.")
+    features, shares = features[keep], shares[keep]
+    keras.utils.set_random_seed(seed)
+    model = build_regressor(features.shape[1], shares.mean(axis=0))
+    steps_per_epoch = math.ceil(len(features) / batch_size)
+    schedule = FlooredExponentialDecay(learning_rate, steps_per_epoch, decay_rate, min_learning_rate)
+    model.compile(optimizer=keras.optimizers.SGD(schedule, momentum=momentum),
+                  loss=keras.losses.CategoricalCrossentropy())
+    if epochs > 0:
+        model.fit(features, shares, batch_size=batch_size, epochs=epochs, shuffle=True, verbose=verbose)
+    return model
+
+
+def chi_squared(p, q):
+    """Row-wise chi-squared distance `0.5 * sum_c (p_c - q_c)^2 / (p_c + q_c)` (terms with p_c + q_c = 0 are
+    0); between two distributions it lies in [0, 1]."""
+    p, q = np.asarray(p, np.float64), np.asarray(q, np.float64)
+    total = p + q
+    terms = np.divide((p - q) ** 2, total, out=np.zeros_like(total), where=total > 0)
+    return 0.5 * terms.sum(axis=-1)
+
+
+def distance_report(truth, estimates):
+    """`{name: {"chi2": mean, "l1": mean}}` of each `[N, C]` estimate against the `[N, C]` truth."""
+    return {name: {"chi2": float(chi_squared(truth, est).mean()), "l1": float(np.abs(truth - est).sum(1).mean())}
+            for name, est in estimates.items()}
+
+
+def estimate_target_labels(source, source_root, target, target_root, num_classes, features=DEFAULT_FEATURES,
+                           features_weights="imagenet", image_size=(512, 256), epochs=100, model_dir=None,
+                           cache_dir=None, seed=0, progress=True):
+    """The whole estimate: features of source and target training images, the regressor, its target output.
+
+    Returns:
+        A dict: `keys` (target image paths relative to the target root, the JSON keys), `labels` (`[N, C]`),
+        `report` (chi-squared and L1 distances to the target truth of the regressor, the source-mean prior and
+        the uniform prior, over the target images that have labels; None if none has), and counts.
+    """
+    source_pairs, source_reader = datasets.source_pairs(source, source_root)
+    target_pairs, target_reader, root = datasets.target_pairs(target, target_root, "train",
+                                                              num_classes=num_classes)
+    extractor = feature_extractor(features, features_weights, image_size, model_dir)
+    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "pit_keras", "features")
+    found = {}
+    for domain, pairs in (("source", source_pairs), ("target", target_pairs)):
+        if progress:
+            print(f"{domain}: {len(pairs)} images")
+        found[domain], path, hit = cached_features(extractor, [i for i, _ in pairs], image_size, cache_dir,
+                                                   progress=progress)
+        if progress:
+            print(f"  {'cached' if hit else 'computed and cached'} features: {path}")
+    shares = source_shares(source_pairs, source_reader, num_classes)
+    model = train_regressor(found["source"], shares, epochs, seed=seed)
+    labels = np.asarray(model.predict(found["target"], batch_size=256, verbose=0), np.float32)
+    labels /= labels.sum(axis=1, keepdims=True)
+
+    labelled = [k for k, (_, label) in enumerate(target_pairs) if label is not None]
+    report = None
+    if labelled:
+        truth = np.stack([soft_labels.shares(target_reader(target_pairs[k][1]), num_classes) for k in labelled])
+        has_pixels = truth.sum(axis=1) > 0
+        rows = [k for k, ok in zip(labelled, has_pixels) if ok]
+        prior = shares[shares.sum(axis=1) > 0].mean(axis=0)
+        report = distance_report(truth[has_pixels], {
+            "regressor": labels[rows],
+            "source-mean prior": np.broadcast_to(prior, (len(rows), num_classes)),
+            "uniform prior": np.full((len(rows), num_classes), 1.0 / num_classes),
+        })
+        report["num_images"] = len(rows)
+    return {"keys": [cityscapes.relative_key(root, image) for image, _ in target_pairs], "labels": labels,
+            "report": report, "num_source": len(source_pairs), "num_target": len(target_pairs)}

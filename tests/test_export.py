@@ -1,0 +1,273 @@
+"""Deployment: a briefly trained run is exported once; the SavedModel (in a fresh process) and every .tflite
+variant (in LiteRT) are checked against the Keras network's labels, and predict runs all three model kinds on
+awkward images. Export's all-or-nothing writing is checked by failing it midway."""
+
+import json
+import os
+import struct
+import subprocess
+import sys
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+
+# Pixel agreement with the Keras network's labels each variant must reach.
+MIN_AGREEMENT = {"float32": 0.995, "float16": 0.995, "dynamic_int8": 0.97, "int8": 0.97}
+
+
+def run(module, *args, timeout=300):
+    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
+    return subprocess.run([sys.executable, "-m", f"pit_keras.{module}", *args], cwd=REPO, env=env,
+                          capture_output=True, text=True, timeout=timeout)
+
+
+@pytest.fixture(scope="module")
+def model_dir(tiny_benchmark, tmp_path_factory):
+    """A PIT run (with coarse units) trained for real: 150 steps at 64x32, so its labels are not trivial."""
+    model_dir = tmp_path_factory.mktemp("export_run") / "pit"
+    result = run("train", "--source=gta5", f"--source_root={tiny_benchmark / 'gta5'}", "--target=cityscapes",
+                 f"--target_root={tiny_benchmark / 'cityscapes'}", "--source_size=64,32", "--target_size=64,32",
+                 "--batch_size=2", "--learning_rate=0.05", "--num_steps=150", "--log_every=50",
+                 "--checkpoint_every=150", "--image_every=0", "--image_labels=ground_truth", "--evaluate=false",
+                 f"--model_dir={model_dir}", "--verbose=0")
+    assert result.returncode == 0, result.stderr[-2000:]
+    return model_dir
+
+
+@pytest.fixture(scope="module")
+def exported(model_dir, tmp_path_factory):
+    from pit_keras import exporting
+
+    output = tmp_path_factory.mktemp("exports") / "pit"
+    metadata = exporting.export(model_dir, output, calibration_count=6)
+    return output, metadata
+
+
+@pytest.fixture(scope="module")
+def keras_predictor(model_dir):
+    from pit_keras import inference
+
+    return inference.load_predictor(str(model_dir))
+
+
+@pytest.fixture(scope="module")
+def target_images(tiny_benchmark):
+    """The benchmark's target images (train and val) at 64x32, as uint8 RGB."""
+    from pit_keras import inference
+
+    paths = sorted(str(p) for p in (tiny_benchmark / "cityscapes" / "leftImg8bit").rglob("*.png"))
+    return [inference.read_image(p) for p in paths]
+
+
+def agreement(predictor, reference, images):
+    return float(np.mean([np.mean(predictor(image) == reference(image)) for image in images]))
+
+
+def test_export_writes_serving_layout_tflite_models_and_metadata(exported, model_dir):
+    output, metadata = exported
+    assert sorted(os.listdir(output)) == ["metadata.json", "pit_dynamic_int8.tflite", "pit_float16.tflite",
+                                          "pit_float32.tflite", "pit_int8.tflite", "saved_model"]
+    assert os.path.isfile(output / "saved_model" / "pit" / "1" / "saved_model.pb")
+    assert json.loads((output / "metadata.json").read_text()) == metadata
+    assert metadata["classes"][0] == "road" and len(metadata["palette"]) == 19
+    assert metadata["checkpoint"] == "ckpt-150" and metadata["checkpoint_step"] == 150
+    assert metadata["training_run"]["model_dir"] == str(model_dir)
+    assert metadata["training_run"]["config"]["target_size"] == [64, 32]
+    assert metadata["tflite"]["input_size"] == [64, 32]
+    assert metadata["files"]["pit_float32.tflite"] == os.path.getsize(output / "pit_float32.tflite")
+    assert set(metadata["files"]) >= {"saved_model/pit/1/saved_model.pb", "pit_int8.tflite"}
+    assert not [name for name in os.listdir(output.parent) if name.startswith(".")]
+
+
+def test_saved_model_in_a_fresh_process_matches_keras(exported, keras_predictor, target_images, tmp_path):
+    output, _ = exported
+    # An odd size exercises the resize to target_size and back inside the graph.
+    odd = np.asarray(Image.fromarray(target_images[0]).resize((45, 27)))
+    images = target_images[:4] + [odd]
+    np.savez(tmp_path / "images.npz", *images)
+    script = (
+        "import sys, numpy as np, tensorflow as tf\n"
+        "serve = tf.saved_model.load(sys.argv[1]).signatures['serving_default']\n"
+        "images = np.load(sys.argv[2], allow_pickle=False)\n"
+        "out = {}\n"
+        "for key in images.files:\n"
+        "    result = serve(images=tf.constant(images[key][None]))\n"
+        "    assert result['probabilities'].shape[-1] == 19\n"
+        "    out[key] = result['labels'][0].numpy()\n"
+        "np.savez(sys.argv[3], **out)\n")
+    result = subprocess.run([sys.executable, "-c", script, str(output / "saved_model" / "pit" / "1"),
+                             str(tmp_path / "images.npz"), str(tmp_path / "labels.npz")],
+                            capture_output=True, text=True, timeout=120,
+                            env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-2000:]
+    labels = np.load(tmp_path / "labels.npz", allow_pickle=False)
+    for index, image in enumerate(images):
+        served = labels[f"arr_{index}"]
+        assert served.shape == image.shape[:2] and served.dtype == np.int32
+        match = np.mean(served == keras_predictor(image))
+        assert match >= 0.999, f"image {index}: {match:.4f}"
+
+
+def test_saved_model_holds_no_coarse_unit_variables(exported, model_dir):
+    import tensorflow as tf
+
+    from pit_keras import checkpoints, inference
+    from pit_keras.models.network import build_network
+
+    output, _ = exported
+    loaded = tf.saved_model.load(str(output / "saved_model" / "pit" / "1"))
+    segmenter, config, _ = inference.load_segmenter(str(model_dir))
+    network = build_network(config["backbone"], config["num_classes"], num_units=len(config["lse_r"]))
+    shapes = sorted(tuple(v.shape) for v in loaded.variables)
+    assert shapes == sorted(tuple(v.shape) for v in segmenter.variables)
+    assert len(network.variables) > len(loaded.variables)
+    assert not [v.name for v in loaded.variables if "coarse" in v.name or "reconstruction" in v.name]
+    assert checkpoints.read_run_config(str(model_dir))["method"] == "pit"
+
+
+@pytest.mark.parametrize("variant", ["float32", "float16", "dynamic_int8", "int8"])
+def test_tflite_runs_in_litert_and_agrees_with_keras(variant, exported, keras_predictor, target_images):
+    from pit_keras import inference
+
+    output, _ = exported
+    predictor = inference.load_predictor(str(output / f"pit_{variant}.tflite"))
+    assert predictor.kind == "tflite"
+    details = predictor.runner.get_input_details()["images"]
+    assert list(details["shape"]) == [1, 32, 64, 3] and details["dtype"] == np.uint8
+    outputs = predictor.run(target_images[0])
+    assert outputs["labels"].shape == (1, 32, 64) and outputs["labels"].dtype == np.int32
+    assert ("probabilities" in outputs) == (variant != "int8")
+    ops = {op["op_name"] for op in predictor.interpreter._get_ops_details()}
+    assert not [op for op in ops if op.startswith("Flex") or op == "CUSTOM"], ops
+    match = agreement(predictor, keras_predictor, target_images)
+    print(f"\n{variant}: {100 * match:.2f}% of pixels agree with the Keras network")
+    assert match >= MIN_AGREEMENT[variant]
+
+
+def test_export_refuses_an_existing_output_dir(exported, model_dir):
+    from pit_keras import exporting
+    from pit_keras.errors import UserError
+
+    output, _ = exported
+    with pytest.raises(UserError, match="already exists; pass --overwrite"):
+        exporting.export(model_dir, output)
+
+
+def test_interrupted_export_leaves_the_previous_export_untouched(exported, model_dir, monkeypatch):
+    from pit_keras import exporting
+
+    output, _ = exported
+    before = exporting.file_sizes(output)
+    metadata_before = (output / "metadata.json").read_text()
+
+    def fail(segmenter, input_size, variant, calibration=None):
+        raise KeyboardInterrupt("interrupted while converting")
+
+    # The SavedModel is written before the first conversion fails, so the staging folder is not empty.
+    monkeypatch.setattr(exporting, "convert_tflite", fail)
+    with pytest.raises(KeyboardInterrupt):
+        exporting.export(model_dir, output, formats=("saved_model", "float32"), overwrite=True)
+    assert exporting.file_sizes(output) == before
+    assert (output / "metadata.json").read_text() == metadata_before
+    assert sorted(os.listdir(output.parent)) == ["pit"]
+
+
+def test_overwrite_replaces_the_export_once_complete(model_dir, tmp_path):
+    from pit_keras import exporting
+
+    output = tmp_path / "export"
+    exporting.export(model_dir, output, formats=("float32",))
+    exporting.export(model_dir, output, formats=("dynamic_int8",), overwrite=True)
+    assert sorted(os.listdir(output)) == ["metadata.json", "pit_dynamic_int8.tflite"]
+    assert os.listdir(tmp_path) == ["export"]
+
+
+def awkward_images(folder):
+    """RGBA, greyscale, 16-bit greyscale and palette images of odd sizes."""
+    rng = np.random.default_rng(0)
+    folder.mkdir()
+    Image.fromarray(rng.integers(0, 256, (27, 45, 4), dtype=np.uint8), "RGBA").save(folder / "rgba.png")
+    Image.fromarray(rng.integers(0, 256, (50, 33), dtype=np.uint8), "L").save(folder / "grey.png")
+    Image.fromarray(rng.integers(0, 65536, (17, 71), dtype=np.uint16)).save(folder / "grey16.png")
+    Image.fromarray(rng.integers(0, 256, (31, 64, 3), dtype=np.uint8)).convert("P").save(folder / "palette.png")
+    Image.fromarray(rng.integers(0, 256, (40, 61, 3), dtype=np.uint8)).save(folder / "photo.jpg")
+    return {"rgba": (45, 27), "grey": (33, 50), "grey16": (71, 17), "palette": (64, 31), "photo": (61, 40)}
+
+
+@pytest.mark.parametrize("kind", ["model_dir", "saved_model", "tflite"])
+def test_predict_writes_labels_and_overlays_at_the_input_size(kind, exported, model_dir, tmp_path):
+    output, _ = exported
+    model = {"model_dir": model_dir, "saved_model": output, "tflite": output / "pit_float16.tflite"}[kind]
+    sizes = awkward_images(tmp_path / "in")
+    result = run("predict", f"--model={model}", f"--input={tmp_path / 'in'}", f"--output_dir={tmp_path / 'out'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"with the {kind} model" in result.stdout
+    for name, size in sizes.items():
+        with Image.open(tmp_path / "out" / f"{name}_labelTrainIds.png") as labels:
+            assert labels.mode == "L" and labels.size == size
+            assert np.asarray(labels).max() < 19
+        with Image.open(tmp_path / "out" / f"{name}_overlay.png") as overlay:
+            assert overlay.mode == "RGB" and overlay.size == size
+
+
+def huge_png_header(path, width, height):
+    """A PNG that declares width x height pixels but holds almost no data: only its header is ever read."""
+    def chunk(kind, data):
+        return struct.pack(">I", len(data)) + kind + data + struct.pack(">I", zlib.crc32(kind + data))
+    header = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    path.write_bytes(b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", header) + chunk(b"IDAT", zlib.compress(b"\0"))
+                     + chunk(b"IEND", b""))
+
+
+def test_predict_refuses_huge_images_and_names_bad_paths(exported, tmp_path):
+    from pit_keras import inference
+    from pit_keras.errors import UserError
+
+    output, _ = exported
+    huge_png_header(tmp_path / "huge.png", 10000, 6000)
+    with pytest.raises(UserError, match="10000x6000 \\(60 MP\\), over the 50 MP limit"):
+        inference.read_image(str(tmp_path / "huge.png"))
+    (tmp_path / "broken.png").write_bytes(b"not an image")
+    with pytest.raises(UserError, match="broken.png: not a readable image"):
+        inference.read_image(str(tmp_path / "broken.png"))
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(UserError, match="empty: the folder holds no .png"):
+        inference.list_images(str(tmp_path / "empty"))
+    result = run("predict", f"--model={tmp_path / 'nowhere'}", f"--input={tmp_path}",
+                 f"--output_dir={tmp_path / 'out'}", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--model={tmp_path / 'nowhere'}: no such file or folder." in result.stderr
+    result = run("predict", f"--model={output}", f"--input={tmp_path / 'huge.png'}",
+                 f"--output_dir={tmp_path / 'out'}", timeout=60)
+    assert result.returncode == 2 and "over the 50 MP limit" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_export_cli_refuses_to_overwrite_with_one_sentence(exported, model_dir):
+    output, _ = exported
+    result = run("export", f"--model_dir={model_dir}", f"--output_dir={output}", timeout=60)
+    assert result.returncode == 2 and "Traceback" not in result.stderr
+    assert f"--output_dir={output} already exists; pass --overwrite to replace it." in result.stderr
+
+
+def test_rest_client_request_and_response_round_trip_through_the_saved_model(exported, target_images):
+    import tensorflow as tf
+
+    sys.path.insert(0, str(REPO / "export"))
+    import client
+
+    output, _ = exported
+    image = target_images[0][:20, :30]
+    body = json.loads(json.dumps(client.build_request(image)))
+    assert json.loads((REPO / "export" / "rest_request.json").read_text()).keys() == body.keys()
+    serve = tf.saved_model.load(str(output / "saved_model" / "pit" / "1")).signatures[body["signature_name"]]
+    outputs = serve(images=tf.constant(body["inputs"]["images"], tf.uint8))
+    # What TF Serving's REST API answers for a columnar ("inputs") request.
+    response = json.loads(json.dumps({"outputs": {k: v.numpy().tolist() for k, v in outputs.items()}}))
+    labels = client.parse_response(response)
+    assert labels.shape == (20, 30) and labels.dtype == np.uint8
+    np.testing.assert_array_equal(labels, outputs["labels"][0].numpy())
