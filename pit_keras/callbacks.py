@@ -1,11 +1,17 @@
 """Callbacks: everything a training step must not do (checkpoints, TensorBoard scalars and images, stopping at
-the step budget). Each reads the step from `optimizer.iterations`, so a resumed run continues its counters."""
+the step budget, on divergence or on a signal). Each reads the step from `optimizer.iterations`, so a resumed run continues its counters."""
+
+import json
+import os
+import signal
+import threading
 
 import keras
 import numpy as np
 import tensorflow as tf
 
 from pit_keras import visualize
+from pit_keras.errors import Diverged, Interrupted, UserError
 from pit_keras.models.network import interaction_weights
 
 
@@ -25,8 +31,30 @@ class StopAtStep(keras.callbacks.Callback):
             self.model.stop_training = True
 
 
+def _all_finite(variables):
+    return all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables)
+
+
+class DivergenceGuard(keras.callbacks.Callback):
+    """Stops training at the first non-finite loss term, naming the step and the term, before any checkpoint
+    of that step is written (it must come before `Checkpointer` in the callback list)."""
+
+    def on_train_batch_end(self, batch, logs=None):
+        bad = [name for name, value in (logs or {}).items() if not np.isfinite(float(value))]
+        if bad:
+            terms = [name for name in bad if name != "loss"] or bad
+            raise Diverged(f"training diverged at step {_step(self.model)}: loss term {terms[0]} is "
+                           f"{float(logs[terms[0]])}; the last good checkpoint is kept. Lower --learning_rate "
+                           "or check the data.")
+
+
 class Checkpointer(keras.callbacks.Callback):
-    """Saves network and optimizer every `every` steps and when training ends, numbered by step."""
+    """Saves network and optimizer every `every` steps and when training ends, numbered by step.
+
+    A checkpoint is only written from finite weights, and a failed write (a full disk) stops training with a
+    clear message while the previous checkpoints stay as they were (TensorFlow writes the new files first and
+    updates the `checkpoint` index last).
+    """
 
     def __init__(self, ckpt_manager, every):
         super().__init__()
@@ -34,18 +62,108 @@ class Checkpointer(keras.callbacks.Callback):
         self.every = every
         self.last_saved = None
 
-    def _save(self):
+    def save(self):
         step = _step(self.model)
-        if step != self.last_saved:
+        if step == self.last_saved:
+            return
+        if not _all_finite(self.model.network.weights):
+            raise Diverged(f"training diverged before step {step}: the weights are no longer finite; the last "
+                           "good checkpoint is kept. Lower --learning_rate or check the data.")
+        try:
             self.manager.save(checkpoint_number=step)
-            self.last_saved = step
+        except (OSError, tf.errors.OpError) as err:
+            previous = self.manager.latest_checkpoint
+            raise UserError(f"could not write checkpoint {step} in {self.manager.directory} ({err}); "
+                            f"the previous checkpoint {previous} is intact.") from None
+        self.last_saved = step
 
     def on_train_batch_end(self, batch, logs=None):
         if self.every and _step(self.model) % self.every == 0:
-            self._save()
+            self.save()
 
     def on_train_end(self, logs=None):
-        self._save()
+        self.save()
+
+
+class GracefulStop(keras.callbacks.Callback):
+    """On SIGTERM or SIGINT (Ctrl-C), finishes the current step, writes a checkpoint and stops with a message
+    that says how to resume. Restores the previous signal handlers when training ends.
+
+    Args:
+        checkpointer: the run's `Checkpointer`.
+    """
+
+    def __init__(self, checkpointer):
+        super().__init__()
+        self.checkpointer = checkpointer
+        self.signum = None
+        self.previous = {}
+
+    def _request(self, signum, frame):
+        self.signum = signum
+
+    def on_train_begin(self, logs=None):
+        if threading.current_thread() is threading.main_thread():
+            for signum in (signal.SIGTERM, signal.SIGINT):
+                self.previous[signum] = signal.signal(signum, self._request)
+
+    def on_train_batch_end(self, batch, logs=None):
+        if self.signum is not None:
+            self.checkpointer.save()
+            self.model.stop_training = True
+
+    def on_train_end(self, logs=None):
+        for signum, handler in self.previous.items():
+            signal.signal(signum, handler)
+        self.previous = {}
+        if self.signum is not None:
+            name = signal.Signals(self.signum).name
+            raise Interrupted(f"{name} at step {_step(self.model)}; checkpoint written to "
+                              f"{self.checkpointer.manager.latest_checkpoint}; rerun the same command to resume.",
+                              self.signum)
+
+
+class Validation(keras.callbacks.Callback):
+    """Every `every` steps: evaluates on the target val split, logs `val/miou` to TensorBoard and keeps the
+    best checkpoint so far (by val mIoU) in its own folder, with `best.json` beside it.
+
+    Selecting a checkpoint on target val uses target labels, which unsupervised adaptation has in principle
+    not got; most peers do it, and the run reports the last and the best checkpoints side by side.
+
+    Args:
+        evaluate: `evaluate() -> results dict` on the current weights.
+        best_manager: a checkpoint manager (max_to_keep=1) for the best checkpoint.
+        log_dir: the TensorBoard event folder.
+        every: steps between evaluations.
+    """
+
+    def __init__(self, evaluate, best_manager, log_dir, every):
+        super().__init__()
+        self.evaluate = evaluate
+        self.best_manager = best_manager
+        self.writer = tf.summary.create_file_writer(log_dir)
+        self.every = every
+        self.best_file = os.path.join(best_manager.directory, "best.json")
+        self.best = -1.0
+        if os.path.isfile(self.best_file):
+            with open(self.best_file) as f:
+                self.best = json.load(f)["miou"]
+
+    def on_train_batch_end(self, batch, logs=None):
+        step = _step(self.model)
+        if step % self.every:
+            return
+        result = self.evaluate()
+        with self.writer.as_default(step=step):
+            tf.summary.scalar("val/miou", result["miou"])
+        self.writer.flush()
+        if result["miou"] > self.best:
+            self.best = result["miou"]
+            path = self.best_manager.save(checkpoint_number=step)
+            tmp = f"{self.best_file}.tmp"
+            with open(tmp, "w") as f:
+                json.dump({"step": step, "miou": result["miou"], "checkpoint": os.path.basename(path)}, f)
+            os.replace(tmp, self.best_file)
 
 
 class TensorBoardLogger(keras.callbacks.Callback):

@@ -44,10 +44,12 @@ def check_or_write_run_config(model_dir, config):
     write_json_atomic(path, config)
 
 
-def manager(network, optimizer, model_dir, max_to_keep=3):
-    """A `tf.train.CheckpointManager` over the network and the optimizer under `MODEL_DIR/checkpoints`."""
-    checkpoint = tf.train.Checkpoint(network=network, optimizer=optimizer)
-    return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, "checkpoints"), max_to_keep=max_to_keep,
+def manager(network, optimizer, model_dir, max_to_keep=3, folder="checkpoints"):
+    """A `tf.train.CheckpointManager` over the network and the optimizer under `MODEL_DIR/folder`
+    ("checkpoints" for the newest ones, "best" for the best on target val, without the optimizer)."""
+    checkpoint = (tf.train.Checkpoint(network=network) if optimizer is None
+                  else tf.train.Checkpoint(network=network, optimizer=optimizer))
+    return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, folder), max_to_keep=max_to_keep,
                                       checkpoint_name="ckpt")
 
 
@@ -56,21 +58,43 @@ def latest_checkpoint(model_dir):
     return tf.train.latest_checkpoint(os.path.join(model_dir, "checkpoints"))
 
 
+def _newest_first(model_dir):
+    state = tf.train.get_checkpoint_state(os.path.join(model_dir, "checkpoints"))
+    if state is None:
+        return []
+    return list(reversed(state.all_model_checkpoint_paths)) or [state.model_checkpoint_path]
+
+
 def restore_latest(network, optimizer, model_dir):
-    """Restores network and optimizer from the newest checkpoint of `model_dir`, if any, and returns its path
-    (None for a fresh run). The optimizer must be built, so that its slot variables exist to be filled."""
-    path = latest_checkpoint(model_dir)
-    if path is None:
-        return None
-    tf.train.Checkpoint(network=network, optimizer=optimizer).restore(path).assert_existing_objects_matched()
-    return path
+    """Restores network and optimizer from the newest readable checkpoint of `model_dir` and returns its path
+    (None for a fresh run).
+
+    A checkpoint that cannot be read (a file truncated by a crash) is reported and the previous one used.
+    The optimizer must be built, so that its slot variables exist to be filled.
+    """
+    candidates = _newest_first(model_dir)
+    for path in candidates:
+        try:
+            tf.train.Checkpoint(network=network, optimizer=optimizer).restore(path).assert_existing_objects_matched()
+            return path
+        except Exception as err:  # noqa: BLE001 -- a damaged file fails in many ways (IndexError, DataLoss, ...)
+            reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            print(f"warning: checkpoint {path} is unreadable ({reason}); trying the previous one.")
+    if candidates:
+        raise UserError(f"--model_dir={model_dir}: none of its {len(candidates)} checkpoints can be read.")
+    return None
 
 
-def restore_network(network, model_dir):
-    """Loads the newest checkpoint's network weights (for evaluation and export); returns the path."""
+def restore_network(network, model_dir, which="last"):
+    """Loads the network weights of the newest checkpoint (`which="last"`) or of the best one on target val
+    (`"best"`, kept by `--eval_every`), for evaluation and export; returns the path."""
     checkpoint = tf.train.Checkpoint(network=network)
-    path = latest_checkpoint(model_dir)
+    if which not in ("last", "best"):
+        raise UserError(f"--checkpoint={which}: expected last or best.")
+    path = latest_checkpoint(model_dir) if which == "last" else tf.train.latest_checkpoint(
+        os.path.join(model_dir, "best"))
     if path is None:
-        raise UserError(f"--model_dir={model_dir} holds no checkpoint yet.")
+        raise UserError(f"--model_dir={model_dir} holds no {which} checkpoint"
+                        + (" (train with --eval_every to keep one)." if which == "best" else " yet."))
     checkpoint.restore(path).expect_partial()
     return path

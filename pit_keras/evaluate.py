@@ -54,7 +54,7 @@ def score_run():
     pairs, reader, _ = datasets.target_pairs(FLAGS.target, root, FLAGS.split, require_labels=True)
     units = len(config["lse_r"]) if config["method"] == "pit" else 0
     network = build_network(config["backbone"], config["num_classes"], num_units=units)
-    checkpoint = checkpoints.restore_network(network, FLAGS.model_dir)
+    checkpoint = checkpoints.restore_network(network, FLAGS.model_dir, FLAGS.checkpoint)
     result = metrics.summarize(evaluation.network_confusion(network, pairs, reader, space, size),
                                space.class_set)
     result["checkpoint"] = os.path.basename(checkpoint)

@@ -22,7 +22,8 @@ def define_data_flags():
 
 
 def define_model_flags():
-    flags.DEFINE_string("backbone", "tiny", "Backbone: tiny | mobilenetv3_small | mobilenetv3_large.")
+    flags.DEFINE_string("backbone", "tiny", "Backbone: tiny | mobilenetv3_small | mobilenetv3_large | "
+                        "deeplabv2_resnet101 | fcn8s_vgg16.")
     flags.DEFINE_string("backbone_weights", "none", "Backbone weights: imagenet | none | a local weights file.")
     flags.DEFINE_list("lse_r", ["0.5", "1", "1.5"], "r^k of the coarse region-expansion units (one unit each).")
 
@@ -54,6 +55,8 @@ def define_train_flags():
     flags.DEFINE_integer("log_every", 100, "Steps per logged epoch (progress bar, TensorBoard scalars).")
     flags.DEFINE_integer("image_every", 1000, "Steps between TensorBoard images (0: never).")
     flags.DEFINE_integer("checkpoint_every", 1000, "Steps between checkpoints.")
+    flags.DEFINE_integer("eval_every", 0, "Steps between evaluations on the target val split (0: only at the end); "
+                         "the best checkpoint by val mIoU is kept in MODEL_DIR/best.")
     flags.DEFINE_integer("keep_checkpoints", 3, "How many of the newest checkpoints are kept.")
     flags.DEFINE_boolean("evaluate", True, "Evaluate on the target val split after training (needs labels).")
     flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
@@ -79,6 +82,8 @@ def define_eval_flags():
                       "Classes to score: 19 (GTA5 -> Cityscapes), 16 or 13 (SYNTHIA -> Cityscapes: mIoU, "
                       "mIoU*). Default: the run's classes, or --prediction_classes.")
     flags.DEFINE_string("split", "val", "Target split to evaluate.")
+    flags.DEFINE_enum("checkpoint", "last", ["last", "best"],
+                      "With --model_dir: the newest checkpoint, or the best on target val (kept by --eval_every).")
     flags.DEFINE_string("output", None,
                         "Results JSON; SAME.csv (per-class IoU) and SAME_confusion.png are written beside it. "
                         "Default MODEL_DIR/eval_SPLIT.json, or DIR/NAME_eval_SPLIT.json for "

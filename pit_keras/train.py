@@ -57,7 +57,8 @@ def main(argv):
     strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
     training.run(config, FLAGS.model_dir, strategy=strategy, log_every=FLAGS.log_every,
                  image_every=FLAGS.image_every, checkpoint_every=FLAGS.checkpoint_every,
-                 keep_checkpoints=FLAGS.keep_checkpoints, evaluate=FLAGS.evaluate, verbose=FLAGS.verbose)
+                 keep_checkpoints=FLAGS.keep_checkpoints, evaluate=FLAGS.evaluate, verbose=FLAGS.verbose,
+                 eval_every=FLAGS.eval_every)
 
 
 if __name__ == "__main__":

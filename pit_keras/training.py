@@ -3,6 +3,7 @@
 Kept apart from the CLI (`train.py`) so tests and tools run the same code without flags.
 """
 
+import json
 import math
 import os
 import shutil
@@ -14,7 +15,7 @@ import numpy as np
 import tensorflow as tf
 
 from pit_keras import callbacks, checkpoints, distribute, evaluation, metrics
-from pit_keras.data import classes, datasets, pipeline, soft_labels
+from pit_keras.data import classes, datasets, integrity, pipeline, soft_labels
 from pit_keras.data.cityscapes import relative_key
 from pit_keras.errors import UserError
 from pit_keras.models.network import build_network, interaction_weights
@@ -46,15 +47,30 @@ def build_trainer(config, network):
     return trainer
 
 
+def checked(pairs, domain, skipped):
+    """The pairs whose files pass the start-up checks; the others are added to `skipped` and counted."""
+    good, problems = integrity.check_pairs(pairs)
+    if problems:
+        path, reason = problems[0]
+        print(f"skipped {len(problems)} of {len(pairs)} {domain} files that cannot be used, e.g. {path}: {reason}")
+        skipped.extend(problems)
+    if not good:
+        raise UserError(f"no usable {domain} images: all {len(pairs)} failed the checks, e.g. {path}: {reason}.")
+    return good
+
+
 def load_domains(config, trainer):
     """File lists and target image labels of the run, read once: `{"source": (pairs, reader),
-    "target": (image paths, [N, C] labels) or None}`."""
+    "target": (image paths, [N, C] labels) or None, "skipped": [(path, reason)]}`."""
+    skipped = []
     source_pairs, source_reader = datasets.source_pairs(config["source"], config["source_root"])
-    domains = {"source": (source_pairs, source_reader), "target": None}
+    source_pairs = checked(source_pairs, "source", skipped)
+    domains = {"source": (source_pairs, source_reader), "target": None, "skipped": skipped}
     if trainer.uses_target:
         target_pairs, reader, root = datasets.target_pairs(
             config["target"], config["target_root"], "train",
             require_labels=config["image_labels"] == "ground_truth", num_classes=config["num_classes"])
+        target_pairs = checked(target_pairs, "target", skipped)
         if config["method"] == "pit":
             labels = target_image_labels(config, target_pairs, reader, root)
             origin = ("ground truth (the weakly supervised setting)" if config["image_labels"] == "ground_truth"
@@ -66,21 +82,22 @@ def load_domains(config, trainer):
     return domains
 
 
-def build_dataset(config, domains, batch_size, shard=None):
-    """The zipped training dataset: batches of `batch_size` per domain, from one shard of the files."""
+def build_dataset(config, domains, batch_size, shard=None, skip_batches=0):
+    """The zipped training dataset: batches of `batch_size` per domain, from one shard of the files, starting
+    after `skip_batches` batches (a resumed run continues the data order of an uninterrupted one)."""
     pairs, reader = domains["source"]
     source = pipeline.source_dataset(pairs, reader, config["source_size"], batch_size, seed=config["seed"],
-                                     shard=shard)
+                                     shard=shard, skip_batches=skip_batches)
     target = None
     if domains["target"] is not None:
         paths, labels = domains["target"]
         target = pipeline.target_dataset(paths, labels, config["target_size"], batch_size, seed=config["seed"],
-                                         shard=shard)
+                                         shard=shard, skip_batches=skip_batches)
     return pipeline.training_dataset(source, target)
 
 
 def run(config, model_dir, strategy=None, log_every=100, image_every=1000, checkpoint_every=1000,
-        keep_checkpoints=3, evaluate=True, verbose=1):
+        keep_checkpoints=3, evaluate=True, verbose=1, eval_every=0):
     """Trains (or resumes) the run in `model_dir` to `config["num_steps"]` steps.
 
     Args:
@@ -93,6 +110,8 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
         keep_checkpoints: how many checkpoints are kept.
         evaluate: evaluate on the target val split at the end.
         verbose: Keras progress output (0, 1 or 2).
+        eval_every: steps between evaluations on the target val split (0: only at the end); the best
+            checkpoint by val mIoU is kept beside the last ones.
 
     Returns:
         `(trainer, results)`: the trained `PITTrainer` and the val results dict (None if not evaluated, and
@@ -119,15 +138,22 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
     step = int(trainer.optimizer.iterations.numpy())
     if resumed:
         print(f"resumed from {resumed} at step {step}")
+    if chief and domains["skipped"]:
+        write_skipped(model_dir, domains["skipped"])
     # Workers other than the chief write their (identical) checkpoints to a scratch folder that is discarded.
     save_dir = model_dir if chief else tempfile.mkdtemp(prefix="pit_keras_worker_")
     manager = checkpoints.manager(network, trainer.optimizer, save_dir, max_to_keep=keep_checkpoints)
     start = time.time()
     try:
         if step < config["num_steps"]:
-            run_callbacks = [callbacks.StopAtStep(config["num_steps"]),
-                             callbacks.Checkpointer(manager, checkpoint_every)]
+            checkpointer = callbacks.Checkpointer(manager, checkpoint_every)
+            # Order matters: divergence is caught before a checkpoint of that step could be written.
+            run_callbacks = [callbacks.DivergenceGuard(), callbacks.StopAtStep(config["num_steps"]), checkpointer,
+                             callbacks.GracefulStop(checkpointer)]
             if chief:
+                validation = eval_every and validation_callback(config, network, model_dir, class_set, eval_every)
+                if validation:
+                    run_callbacks.append(validation)
                 sample = next(iter(build_dataset(config, domains, 2)))
                 run_callbacks.append(callbacks.TensorBoardLogger(os.path.join(model_dir, "logs"), sample, class_set,
                                                                  image_every))
@@ -137,10 +163,11 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
                 data = strategy.distribute_datasets_from_function(
                     lambda context: build_dataset(
                         config, domains, context.get_per_replica_batch_size(config["batch_size"]),
-                        shard=(context.num_input_pipelines, context.input_pipeline_id)))
+                        shard=(context.num_input_pipelines, context.input_pipeline_id), skip_batches=step))
                 distribute.fit_custom_loop(trainer, data, strategy, **fit_args)
             else:
-                trainer.fit(build_dataset(config, domains, config["batch_size"]), shuffle=False, **fit_args)
+                trainer.fit(build_dataset(config, domains, config["batch_size"], skip_batches=step), shuffle=False,
+                            **fit_args)
     finally:
         if not chief:
             shutil.rmtree(save_dir, ignore_errors=True)
@@ -159,7 +186,38 @@ def evaluate_run(config, network, model_dir, class_set, split="val"):
         print(f"not evaluated: {err}")
         return None
     result = evaluation.evaluate(network, pairs, reader, class_set, config["target_size"])
+    result["checkpoint"] = os.path.basename(checkpoints.latest_checkpoint(model_dir) or "")
     print(metrics.format_table(result))
-    print(f"target {split} mIoU: {result['miou']:.2f} ({result['num_images']} images)")
+    print(f"target {split} mIoU: {result['miou']:.2f} ({result['num_images']} images, last checkpoint)")
+    best_file = os.path.join(model_dir, "best", "best.json")
+    if os.path.isfile(best_file):
+        with open(best_file) as f:
+            result["best"] = json.load(f)
+        print(f"best on target {split} during training: {result['best']['miou']:.2f} at step "
+              f"{result['best']['step']} (MODEL_DIR/best; selected with target labels, as most peers do)")
     metrics.write_json(result, os.path.join(model_dir, f"eval_{split}.json"))
     return result
+
+
+def write_skipped(model_dir, skipped):
+    """Lists every file the run skips, one `path: reason` a line, in MODEL_DIR/skipped_files.txt."""
+    path = os.path.join(model_dir, "skipped_files.txt")
+    tmp = f"{path}.tmp-{os.getpid()}"
+    with open(tmp, "w") as f:
+        f.writelines(f"{p}: {reason}\n" for p, reason in skipped)
+    os.replace(tmp, path)
+    print(f"the {len(skipped)} skipped files are listed in {path}")
+
+
+def validation_callback(config, network, model_dir, class_set, every):
+    """`callbacks.Validation` on the target val split, or None (with a note) if it has no labels."""
+    try:
+        pairs, reader, _ = datasets.target_pairs(config["target"], config["target_root"], "val",
+                                                 require_labels=True, num_classes=config["num_classes"])
+    except UserError as err:
+        print(f"--eval_every ignored: {err}")
+        return None
+    best = checkpoints.manager(network, None, model_dir, max_to_keep=1, folder="best")
+    return callbacks.Validation(
+        lambda: evaluation.evaluate(network, pairs, reader, class_set, config["target_size"], progress=False),
+        best, os.path.join(model_dir, "logs"), every)

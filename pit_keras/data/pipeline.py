@@ -33,24 +33,31 @@ def _shard(ds, shard):
     return ds if shard is None else ds.shard(*shard)
 
 
-def source_dataset(pairs, reader, size, batch_size, seed=0, shard=None):
+def _endless(ds, seed, batch_size, skip_batches, load):
+    # The shuffled order is a function of the seed alone, so skipping the file names of the batches a resumed
+    # run has already seen (cheap: nothing is decoded) continues the uninterrupted run's data order.
+    ds = ds.shuffle(ds.cardinality(), seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.skip(skip_batches * batch_size).map(load, num_parallel_calls=AUTOTUNE)
+    # A file damaged past its header (checked at start-up) is skipped with a warning, not a crash.
+    return ds.ignore_errors(log_warning=True).batch(batch_size, drop_remainder=True)
+
+
+def source_dataset(pairs, reader, size, batch_size, seed=0, shard=None, skip_batches=0):
     """Endless shuffled batches of `(image, label)` from (image, label) path pairs.
 
-    `shard=(count, index)` keeps every count-th pair from index on (one input pipeline of several)."""
+    `shard=(count, index)` keeps every count-th pair from index on (one input pipeline of several);
+    `skip_batches` starts after that many batches of the same sequence (resuming a run)."""
     images, labels = zip(*pairs)
     ds = _shard(tf.data.Dataset.from_tensor_slices((list(images), list(labels))), shard)
-    ds = ds.shuffle(len(pairs), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.map(lambda i, l: (load_image(i, size), load_label(l, reader, size)), num_parallel_calls=AUTOTUNE)
-    return ds.batch(batch_size, drop_remainder=True)
+    return _endless(ds, seed, batch_size, skip_batches,
+                    lambda i, l: (load_image(i, size), load_label(l, reader, size)))
 
 
-def target_dataset(image_paths, image_labels, size, batch_size, seed=0, shard=None):
+def target_dataset(image_paths, image_labels, size, batch_size, seed=0, shard=None, skip_batches=0):
     """Endless shuffled batches of `(image, soft image-level labels)`; `image_labels` is `[N, C]`."""
     labels = np.asarray(image_labels, np.float32)
     ds = _shard(tf.data.Dataset.from_tensor_slices((list(image_paths), labels)), shard)
-    ds = ds.shuffle(len(labels), seed=seed + 1, reshuffle_each_iteration=True).repeat()
-    ds = ds.map(lambda i, y: (load_image(i, size), y), num_parallel_calls=AUTOTUNE)
-    return ds.batch(batch_size, drop_remainder=True)
+    return _endless(ds, seed + 1, batch_size, skip_batches, lambda i, y: (load_image(i, size), y))
 
 
 def training_dataset(source, target=None):

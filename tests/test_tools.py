@@ -1,0 +1,194 @@
+"""tools/results_table.py (aggregation, the page, resume) on fake finished runs, and tools/figures.py on tiny
+trained runs."""
+
+import importlib.util
+import json
+import math
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from conftest import REPO
+from pit_keras.errors import UserError
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+results_table = load_tool("results_table")
+figures = load_tool("figures")
+
+CLASSES = ["road", "car", "train"]
+
+
+def fake_run(output_dir, row, seed, miou, per_class, seconds=10.0):
+    """A finished run folder as train and the tool leave it: eval_val.json and the tool's record."""
+    folder = results_table.run_dir(str(output_dir), row, seed)
+    results_table.write_json_atomic(f"{folder}/eval_val.json", {
+        "miou": miou, "per_class_iou": dict(zip(CLASSES, per_class)), "classes": CLASSES, "num_images": 3})
+    args = results_table.train_args(row, seed, str(output_dir), 1500)
+    results_table.write_json_atomic(f"{folder}/{results_table.RUN_RECORD}",
+                                    {"args": args, "seconds": seconds, "returncode": 0})
+
+
+def test_aggregation_and_page(tmp_path):
+    out = tmp_path / "runs"
+    source = {0: (20.0, [60.0, 10.0, None]), 1: (24.0, [64.0, 14.0, None]), 2: (25.0, [65.0, 20.0, None])}
+    for seed, (miou, per_class) in source.items():
+        fake_run(out, "source_only", seed, miou, per_class, seconds=10.0 + seed)
+    fake_run(out, "pit_gt", 0, 40.0, [80.0, 30.0, None])
+    fake_run(out, "pit_gt", 1, 44.0, [84.0, 34.0, None])
+    fake_run(out, "pit_gt_no_lr", 0, 38.0, [78.0, 28.0, None])
+    rows = ["source_only", "minent", "pit_gt", "pit_gt_no_lr", "pit_gt_r0.5", "pit_gt_units4"]
+    summary = results_table.summarize(str(out), rows, [0, 1, 2])
+
+    entry = summary["rows"]["source_only"]
+    assert entry["num_seeds"] == 3 and entry["seeds"] == [0, 1, 2]
+    assert entry["miou_mean"] == pytest.approx(np.mean([20, 24, 25]))
+    assert entry["miou_std"] == pytest.approx(np.std([20, 24, 25], ddof=1))
+    assert entry["per_class_iou_mean"]["car"] == pytest.approx(np.mean([10, 14, 20]))
+    assert math.isnan(entry["per_class_iou_mean"]["train"])
+    assert entry["seconds_mean"] == pytest.approx(11.0)
+    assert summary["rows"]["pit_gt"]["num_seeds"] == 2
+    assert math.isnan(summary["rows"]["pit_gt_no_lr"]["miou_std"])  # one seed has no spread
+    assert summary["rows"]["minent"]["num_seeds"] == 0
+
+    notes = tmp_path / "notes.md"
+    notes.write_text("PIT helps here.\n")
+    md, js = tmp_path / "docs" / "results.md", tmp_path / "docs" / "results.json"
+    results_table.write_results(summary, "python tools/results_table.py --output_dir=runs", [0, 1, 2], 1500,
+                                {("minent", 0): "train exited with 1: boom"}, str(md), str(js), str(notes))
+    page = md.read_text()
+    assert "python tools/results_table.py --output_dir=runs" in page
+    assert "CPU cores" in page
+    assert "| source only | 23.0 ± 2.6 | 3 | 20.0, 24.0, 25.0 |" in page
+    assert "| MinEnt (ADVENT, lambda 0.001) | not run | 0 |" in page
+    assert "| without L_r (lambda_r = 0) | 38.0 (one seed) | 1 | 38.0 | -4.0 |" in page
+    # Table 4 reuses the runs of rows above: 3 units is the full PIT-GT row.
+    assert "| 3 (r = 0.5, 1, 1.5) | 42.0 ± 2.8 | 2 |" in page
+    assert "| car | 14.7 | 32.0 |" in page and "| train | - | - |" in page
+    assert "minent seed 0: train exited with 1: boom" in page
+    assert page.rstrip().endswith("PIT helps here.")
+    numbers = json.loads(js.read_text())
+    assert numbers["rows"]["source_only"]["miou_per_seed"] == {"0": 20.0, "1": 24.0, "2": 25.0}
+    assert numbers["rows"]["pit_gt_no_lr"]["miou_std"] is None
+    assert numbers["machine"]["nproc"] >= 1
+
+
+def test_resume_trains_only_missing_runs_and_refuses_other_flags(tmp_path, monkeypatch):
+    out = tmp_path / "runs"
+    fake_run(out, "source_only", 0, 20.0, [60.0, 10.0, None])
+    calls = []
+
+    def fake_call(command, cwd, stdout, stderr, env):
+        args = command[3:]
+        calls.append(args)
+        model_dir = next(a.split("=", 1)[1] for a in args if a.startswith("--model_dir="))
+        results_table.write_json_atomic(f"{model_dir}/eval_val.json", {
+            "miou": 30.0, "per_class_iou": dict(zip(CLASSES, [1.0, 2.0, None])), "classes": CLASSES})
+        return 0
+
+    monkeypatch.setattr(results_table.subprocess, "call", fake_call)
+    failures = results_table.run_all(["source_only", "pit_gt"], [0, 1], str(out), 1500, "backbone")
+    assert failures == {}
+    trained = sorted(next(a for a in args if a.startswith("--model_dir=")) for args in calls)
+    assert trained == [f"--model_dir={out}/pit_gt/seed_0", f"--model_dir={out}/pit_gt/seed_1",
+                       f"--model_dir={out}/source_only/seed_1"]
+    assert all(args[0] == "--flagfile=flags/demo.cfg" and "--num_steps=1500" in args for args in calls)
+
+    calls.clear()
+    assert results_table.run_all(["source_only", "pit_gt"], [0, 1], str(out), 1500, "backbone") == {}
+    assert calls == []
+    with pytest.raises(UserError, match="other flags"):
+        results_table.run_all(["pit_gt"], [0], str(out), 3000, "backbone")
+
+    def failing_call(command, cwd, stdout, stderr, env):
+        stdout.write("error: something broke\n")
+        return 2
+
+    monkeypatch.setattr(results_table.subprocess, "call", failing_call)
+    failures = results_table.run_all(["minent"], [0], str(out), 1500, "backbone")
+    assert failures == {("minent", 0): "train exited with 2: error: something broke"}
+
+
+def test_rows_and_seeds_flags():
+    assert results_table.select_rows(["main"]) == list(results_table.MAIN_ROWS)
+    assert results_table.select_rows(["pit_gt_r1", "source_only"]) == ["source_only", "pit_gt_r1"]
+    assert "pit_gt_units4" in results_table.select_rows(["all"])
+    with pytest.raises(UserError, match="unknown row 'pit_gt_r2'"):
+        results_table.select_rows(["pit_gt_r2"])
+    with pytest.raises(UserError, match="distinct"):
+        results_table.parse_seeds(["0", "0"])
+    assert results_table.recorded_command(["--output_dir=x", "--report_only"]) == (
+        "python tools/results_table.py --output_dir=x")
+
+
+@pytest.fixture(scope="module")
+def tiny_runs(tiny_benchmark, tmp_path_factory):
+    """A PIT run (two units) trained for two steps on the tiny benchmark, and an untrained source-only run
+    folder (run.json and a checkpoint of its initial weights)."""
+    import keras
+
+    from pit_keras import checkpoints, training
+    from pit_keras.models.network import build_network
+
+    config = {
+        "source": "gta5", "source_root": str(tiny_benchmark / "gta5"), "target": "cityscapes",
+        "target_root": str(tiny_benchmark / "cityscapes"), "source_size": [64, 32], "target_size": [64, 32],
+        "backbone": "tiny", "backbone_weights": "none", "num_classes": 19, "class_set": "cityscapes19",
+        "method": "pit", "lse_r": [0.5, 1.0], "lse_normalize": False, "lambda_c": 0.5, "lambda_r": 0.5,
+        "lambda_ent": 0.001, "recon_domains": ["source", "target"], "loss_resolution": "feature",
+        "interaction_lr_multiplier": 0.01, "image_labels": "ground_truth", "batch_size": 2, "num_steps": 2,
+        "learning_rate": 0.01, "momentum": 0.9, "weight_decay": 0.0, "poly_power": 0.9, "seed": 0,
+    }
+    root = tmp_path_factory.mktemp("tool_runs")
+    runs = {"pit": root / "pit", "source_only": root / "source_only"}
+    training.run(config, str(runs["pit"]), log_every=2, image_every=0, checkpoint_every=2, evaluate=False,
+                 verbose=0)
+    baseline = {**config, "method": "source_only", "image_labels": None}
+    checkpoints.check_or_write_run_config(str(runs["source_only"]), baseline)
+    optimizer = keras.optimizers.SGD()
+    checkpoints.manager(build_network("tiny", 19, num_units=0), optimizer, str(runs["source_only"])).save()
+    return runs
+
+
+def test_figures_from_tiny_runs(tiny_runs, tmp_path):
+    written = figures.make_figures(str(tiny_runs["pit"]), str(tmp_path), compare_dir=str(tiny_runs["source_only"]),
+                                   num_images=2, classes=["car"], num_classes=2)
+    assert [p.rsplit("/", 1)[1] for p in written] == ["fig2_predictions.png", "fig3_cams.png"]
+    panel_w, panel_h = 64, 32 + figures.CAPTION_HEIGHT
+    with Image.open(written[0]) as fig2:
+        # Two images; image, truth, source-only and PIT side by side.
+        assert fig2.size == (4 * panel_w + 3 * figures.GAP, 2 * panel_h + figures.GAP)
+        fig2 = np.asarray(fig2)
+    # The truth panel of the first image (val #0 of 3) shows its label file in the palette.
+    config, _ = figures.load_run(str(tiny_runs["pit"]))
+    pairs, reader = figures.target_split(config, "val")
+    from pit_keras import visualize
+    from pit_keras.data import classes
+    truth = visualize.colorize(reader(pairs[0][1]), classes.CITYSCAPES19)
+    top, left = figures.CAPTION_HEIGHT, panel_w + figures.GAP
+    np.testing.assert_array_equal(fig2[top:top + 32, left:left + 64], truth)
+    with Image.open(written[1]) as fig3:
+        # Up to two classes of the first image; the image, then one heat map per unit.
+        assert fig3.size[0] == 3 * panel_w + 2 * figures.GAP
+        assert fig3.size[1] in (panel_h, 2 * panel_h + figures.GAP)
+        assert np.asarray(fig3).std() > 0
+
+
+def test_figures_of_a_baseline_run_have_no_cams(tiny_runs, tmp_path):
+    written = figures.make_figures(str(tiny_runs["source_only"]), str(tmp_path), num_images=1)
+    assert [p.rsplit("/", 1)[1] for p in written] == ["fig2_predictions.png"]
+    with pytest.raises(UserError, match="outside the split"):
+        figures.make_figures(str(tiny_runs["source_only"]), str(tmp_path), images=["7"])
+
+
+def test_pick_images_spreads_over_the_split():
+    assert figures.pick_images(100, 3, []) == [16, 50, 83]
+    assert figures.pick_images(2, 5, []) == [0, 1]
+    assert figures.pick_images(10, 3, ["4", "2"]) == [4, 2]
