@@ -3,6 +3,6 @@
 import os
 
 # TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) buries the output users need.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
 
 __version__ = "0.1.0"

@@ -1,6 +1,7 @@
 """From dataset flags to file lists and label readers, for every source and target the toolkit knows."""
 
-from pit_keras.data import cityscapes, classes, gta5, synthetic, synthia
+from pit_keras.data import cityscapes, classes, gta5, synthetic
+from pit_keras.errors import UserError
 
 
 def benchmark_roots(root):
@@ -8,13 +9,14 @@ def benchmark_roots(root):
     try:
         return synthetic.ensure(root)
     except ValueError as err:
-        from pit_keras.errors import UserError
         raise UserError(str(err)) from None
 
 
 def source_pairs(name, root):
     """`(pairs, reader)` of a labelled source: (image, label) paths and `reader(path) -> train ids`."""
     if name == "synthia":
+        # Imported here: it needs TensorFlow, which commands that only read PNGs should not pay for.
+        from pit_keras.data import synthia
         return synthia.list_pairs(root), synthia.read_train_ids
     if name == "synthetic":
         root = benchmark_roots(root)[0]
