@@ -40,6 +40,12 @@ def test_mobilenet_backbones_build_without_weights(name, stride):
     assert backbones.BACKBONES[name].output_stride == stride
 
 
+@pytest.mark.parametrize("name", ["tiny", "mobilenetv3_small"])
+def test_trained_batch_norm_is_synchronized_across_replicas(name):
+    norms = [l for l in backbones.build_backbone(name).layers if isinstance(l, keras.layers.BatchNormalization)]
+    assert norms and all(l.synchronized for l in norms)
+
+
 def test_backbone_weights_load_from_a_local_file(tmp_path):
     keras.utils.set_random_seed(1)
     trained = backbones.build_backbone("tiny")

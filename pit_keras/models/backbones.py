@@ -65,12 +65,27 @@ def build_tiny(weights=None, widths=(16, 32, 64)):
     return model
 
 
+def _synchronized(layer):
+    if isinstance(layer, keras.layers.BatchNormalization):
+        return keras.layers.BatchNormalization.from_config({**layer.get_config(), "synchronized": True})
+    return layer.__class__.from_config(layer.get_config())
+
+
+def synchronize_batch_norm(model):
+    """A copy of a functional model whose BatchNormalization layers compute their batch statistics over all
+    replicas (the same as plain BatchNorm on one device), with the same weights."""
+    synced = keras.models.clone_model(model, clone_function=_synchronized)
+    synced.set_weights(model.get_weights())
+    return synced
+
+
 def _mobilenet_v3(constructor, feature_layer, name):
     def build(weights=None):
         # The stride-16 bottleneck output: stride 32 (the classifier's input) is too coarse for segmentation.
         base = constructor(input_shape=(None, None, 3), include_top=False, weights=weights,
                            include_preprocessing=True)
-        return keras.Model(base.input, base.get_layer(feature_layer).output, name=name)
+        model = keras.Model(base.input, base.get_layer(feature_layer).output, name=name)
+        return synchronize_batch_norm(model)
     return build
 
 
