@@ -80,23 +80,50 @@ def score_predictions():
     return result, space, output
 
 
+def score_deployed(path):
+    """(result, space, default output) of an exported SavedModel or .tflite model."""
+    if FLAGS["target_size"].present:
+        raise UserError("--target_size applies to --model_dir only; a deployed model resizes as it was exported.")
+    from pit_keras import evaluation, inference, metrics
+    from pit_keras.data import datasets
+
+    if not os.path.exists(path):
+        raise UserError(f"{path}: no such file or folder.")
+    predictor = inference.load_predictor(path)
+    space = label_space(predictor.class_set.num_classes)
+    root = pit_flags.dataset_root("target_root", FLAGS.target_root)
+    pairs, reader, _ = datasets.target_pairs(FLAGS.target, root, FLAGS.split, require_labels=True)
+    result = metrics.summarize(evaluation.predictor_confusion(predictor, pairs, reader, space), space.class_set)
+    result["model"] = os.path.abspath(path)
+    stem = os.path.abspath(path).rstrip(os.sep)
+    return result, space, f"{stem[:-len('.tflite')] if stem.endswith('.tflite') else stem}_eval_{FLAGS.split}.json"
+
+
 def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected argument {argv[1]!r} (flags are written --name=value).")
-    if bool(FLAGS.model_dir) == bool(FLAGS.predictions_dir):
-        raise UserError("Give exactly one of --model_dir (a training run) or --predictions_dir (saved PNGs).")
-    if FLAGS.model_dir and FLAGS["prediction_classes"].present:
-        raise UserError("--prediction_classes applies to --predictions_dir only; a run predicts its own classes.")
+    sources = [name for name in ("model_dir", "saved_model", "tflite", "predictions_dir") if FLAGS[name].value]
+    if len(sources) != 1:
+        raise UserError("Give exactly one of --model_dir (a training run), --saved_model, --tflite (an export) "
+                        "or --predictions_dir (saved PNGs).")
+    if not FLAGS.predictions_dir and FLAGS["prediction_classes"].present:
+        raise UserError("--prediction_classes applies to --predictions_dir only; a model predicts its own classes.")
     from pit_keras import metrics
 
-    result, space, output = score_run() if FLAGS.model_dir else score_predictions()
+    if FLAGS.model_dir:
+        result, space, output = score_run()
+    elif FLAGS.predictions_dir:
+        result, space, output = score_predictions()
+    else:
+        result, space, output = score_deployed(FLAGS.saved_model or FLAGS.tflite)
     result.update({"num_classes": space.num_classes, "target": FLAGS.target, "split": FLAGS.split})
     written = metrics.write_results(result, FLAGS.output or output)
     print(metrics.format_table(result))
     headline = "mIoU*" if space.num_classes == 13 else "mIoU"
     print(f"{headline} {metrics.select_miou(result, space.num_classes):.2f} ({space.num_classes} classes) over "
           f"{result['num_images']} images of {FLAGS.target} {FLAGS.split} "
-          f"({result.get('checkpoint') or result['predictions_dir']}); written to {', '.join(written)}")
+          f"({result.get('checkpoint') or result.get('model') or result['predictions_dir']}); written to "
+          f"{', '.join(written)}")
 
 
 if __name__ == "__main__":

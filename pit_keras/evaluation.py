@@ -231,3 +231,30 @@ def predictions_confusion(pairs, reader, prediction_paths, space, progress=True)
         matrix.update(space.labels(label), space.predictions(prediction))
         _progress(index, len(pairs), progress)
     return matrix
+
+
+def predictor_confusion(predictor, pairs, reader, space, progress=True):
+    """The confusion matrix of a deployed model (`inference.Predictor`: SavedModel or .tflite) on (image,
+    label) pairs; its labels come at the image's size and are brought to the label's by nearest neighbour
+    when the two differ.
+
+    Args:
+        predictor: maps a uint8 image to train ids in `space.prediction_classes`.
+        pairs, reader, space, progress: as for `predictions_confusion`.
+
+    Returns:
+        A filled `metrics.ConfusionMatrix` over `space.class_set`.
+    """
+    from pit_keras import inference
+
+    matrix = metrics.ConfusionMatrix(space.class_set.num_classes)
+    for index, (image_path, label_path) in enumerate(pairs, start=1):
+        label = reader(label_path)
+        prediction = np.asarray(predictor(inference.read_image(image_path)))
+        if prediction.shape != label.shape:
+            rows = (np.arange(label.shape[0]) * prediction.shape[0] // label.shape[0])[:, None]
+            cols = (np.arange(label.shape[1]) * prediction.shape[1] // label.shape[1])[None, :]
+            prediction = prediction[rows, cols]
+        matrix.update(space.labels(label), space.predictions(prediction))
+        _progress(index, len(pairs), progress)
+    return matrix

@@ -72,6 +72,9 @@ def define_train_flags():
 def define_eval_flags():
     define_data_flags()
     flags.DEFINE_string("model_dir", None, "A training run folder (its newest checkpoint is evaluated).")
+    flags.DEFINE_string("saved_model", None, "Score an exported SavedModel (a folder with saved_model.pb, or an "
+                        "export folder) as served: uint8 images at their own size.")
+    flags.DEFINE_string("tflite", None, "Score a .tflite model in LiteRT (images resized to its fixed input).")
     flags.DEFINE_string("predictions_dir", None,
                         "Score saved predictions instead of a run: 8-bit train-id PNGs at label resolution, "
                         "PRED/CITY/NAME_leftImg8bit.png for ROOT/leftImg8bit/SPLIT/CITY/NAME_leftImg8bit.png, "

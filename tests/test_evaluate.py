@@ -220,7 +220,7 @@ def test_cli_classes_13_reports_miou_star(handmade, tmp_path):
 
 @pytest.mark.parametrize("case,message", [
     ("missing", f"{FRAME}_leftImg8bit.png has no prediction: expected"),
-    ("both", "Give exactly one of --model_dir (a training run) or --predictions_dir"),
+    ("both", "Give exactly one of --model_dir (a training run), --saved_model, --tflite"),
     ("16_over_19", "--classes=19: 16-class predictions cannot be scored over 19 classes"),
 ])
 def test_cli_errors_are_one_sentence(handmade, tmp_path, case, message):

@@ -271,3 +271,18 @@ def test_rest_client_request_and_response_round_trip_through_the_saved_model(exp
     labels = client.parse_response(response)
     assert labels.shape == (20, 30) and labels.dtype == np.uint8
     np.testing.assert_array_equal(labels, outputs["labels"][0].numpy())
+
+
+def test_evaluate_scores_the_deployed_models_like_the_run(exported, model_dir, tiny_benchmark, tmp_path):
+    import json
+
+    target = ("--target=cityscapes", f"--target_root={tiny_benchmark / 'cityscapes'}")
+    scores = {}
+    for name, flag in [("run", f"--model_dir={model_dir}"), ("saved_model", f"--saved_model={exported[0]}"),
+                       ("tflite", f"--tflite={exported[0] / 'pit_float32.tflite'}")]:
+        result = run("evaluate", flag, *target, f"--output={tmp_path / name}.json")
+        assert result.returncode == 0, result.stderr[-2000:]
+        scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["miou"]
+    # The SavedModel serves exactly the run's network; float32 LiteRT differs only by rounding.
+    assert scores["saved_model"] == pytest.approx(scores["run"], abs=0.5)
+    assert scores["tflite"] == pytest.approx(scores["run"], abs=1.0)
