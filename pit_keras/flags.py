@@ -96,12 +96,13 @@ def define_eval_flags():
 def define_image_labels_flags():
     define_data_flags()
     flags.DEFINE_string("features", "InceptionResNetV2",
-                        "Frozen image features: a keras.applications model name (global-average pooled), or "
-                        "backbone for the backbone of the trained run in --model_dir.")
+                        "Frozen image features: a keras.applications model name (global-average pooled), "
+                        "backbone for the backbone of the trained run in --model_dir, or predictions to take the "
+                        "class shares that run predicts as the estimate (no regressor).")
     flags.DEFINE_string("features_weights", "imagenet",
                         "Weights of a keras.applications --features model: imagenet | none | a local weights "
                         "file of the model without its top.")
-    flags.DEFINE_string("model_dir", None, "A training run folder, for --features=backbone.")
+    flags.DEFINE_string("model_dir", None, "A training run folder, for --features=backbone or predictions.")
     flags.DEFINE_string("output", None, "The target image-labels JSON to write (train's --image_labels).")
     flags.DEFINE_string("image_size", "512,256", "Images are resized to W,H for the features.")
     flags.DEFINE_integer("epochs", 100, "Training epochs of the softmax regressor (SGD lr 1e-4, momentum 0.9, "

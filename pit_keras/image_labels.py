@@ -28,12 +28,12 @@ def parse_config():
         raise UserError(f"--output={FLAGS.output} is a folder; name the JSON file to write.")
     if FLAGS.epochs < 0:
         raise UserError(f"--epochs={FLAGS.epochs}: must be zero or more.")
-    if FLAGS.features == "backbone":
+    if FLAGS.features in ("backbone", "predictions"):
         if not FLAGS.model_dir:
-            raise UserError("--features=backbone needs --model_dir (a training run folder).")
+            raise UserError(f"--features={FLAGS.features} needs --model_dir (a training run folder).")
         if FLAGS["features_weights"].present:
-            raise UserError("--features_weights does not apply to --features=backbone (the run's checkpoint is "
-                            "used).")
+            raise UserError(f"--features_weights does not apply to --features={FLAGS.features} (the run's "
+                            "checkpoint is used).")
     weights = FLAGS.features_weights
     weights = None if weights == "none" else weights if weights == "imagenet" else os.path.expanduser(weights)
     return {
@@ -57,8 +57,10 @@ def main(argv):
 
     result = regressor.estimate_target_labels(**config)
     soft_labels.write_json(output, result["keys"], result["labels"])
+    origin = (f"predicted by {config['model_dir']}" if config["features"] == regressor.PREDICTION_FEATURES
+              else f"regressor trained on {result['num_source']} source images")
     print(f"wrote image-level labels of {result['num_target']} target images ({config['num_classes']} classes, "
-          f"regressor trained on {result['num_source']} source images) to {output}")
+          f"{origin}) to {output}")
     report = result["report"]
     if report is None:
         print("the target training images have no labels: no distance to the truth to report")

@@ -26,10 +26,12 @@ import tensorflow as tf
 from pit_keras import checkpoints
 from pit_keras.data import cityscapes, datasets, pipeline, soft_labels
 from pit_keras.errors import UserError
-from pit_keras.models.network import build_network
+from pit_keras.models.network import build_network, fine_segmenter
 
 DEFAULT_FEATURES = "InceptionResNetV2"
 BACKBONE_FEATURES = "backbone"
+# Not features but the estimate itself: the class shares that the trained run in --model_dir predicts.
+PREDICTION_FEATURES = "predictions"
 LEARNING_RATE = 1e-4
 MOMENTUM = 0.9
 DECAY_RATE = 0.99  # per epoch
@@ -237,6 +239,31 @@ def distance_report(truth, estimates):
             for name, est in estimates.items()}
 
 
+def predicted_shares(model_dir, image_paths, num_classes, batch_size=FEATURE_BATCH_SIZE, progress=True):
+    """`[N, C]` class shares of the pixels the trained run in `model_dir` assigns to each class, on images
+    resized to the run's target size: a segmenter adapted without target labels (e.g. by MinEnt) as the
+    image-level estimate."""
+    if not model_dir:
+        raise UserError(f"--features={PREDICTION_FEATURES} needs --model_dir (a trained run).")
+    config = checkpoints.read_run_config(model_dir)
+    if config["num_classes"] != num_classes:
+        raise UserError(f"--model_dir={model_dir} predicts {config['num_classes']} classes, not {num_classes}.")
+    units = len(config["lse_r"]) if config["method"] == "pit" else 0
+    network = build_network(config["backbone"], config["num_classes"], num_units=units)
+    checkpoints.restore_network(network, model_dir)
+    segmenter = fine_segmenter(network)
+    size = tuple(config["target_size"])
+    rows = []
+    for start in range(0, len(image_paths), batch_size):
+        images = tf.stack([pipeline.load_image(tf.constant(p), size) for p in image_paths[start:start + batch_size]])
+        predicted = tf.math.argmax(segmenter(images, training=False), axis=-1, output_type=tf.int32)
+        counts = tf.reduce_sum(tf.one_hot(predicted, num_classes), axis=[1, 2])
+        rows.append((counts / tf.reduce_sum(counts, axis=1, keepdims=True)).numpy())
+    if progress:
+        print(f"  predicted the class shares of {len(image_paths)} images with {model_dir}")
+    return np.concatenate(rows).astype(np.float32)
+
+
 def estimate_target_labels(source, source_root, target, target_root, num_classes, features=DEFAULT_FEATURES,
                            features_weights="imagenet", image_size=(512, 256), epochs=100, model_dir=None,
                            cache_dir=None, seed=0, progress=True):
@@ -250,20 +277,23 @@ def estimate_target_labels(source, source_root, target, target_root, num_classes
     source_pairs, source_reader = datasets.source_pairs(source, source_root)
     target_pairs, target_reader, root = datasets.target_pairs(target, target_root, "train",
                                                               num_classes=num_classes)
-    extractor = feature_extractor(features, features_weights, image_size, model_dir)
-    cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "pit_keras", "features")
-    found = {}
-    for domain, pairs in (("source", source_pairs), ("target", target_pairs)):
-        if progress:
-            print(f"{domain}: {len(pairs)} images")
-        found[domain], path, hit = cached_features(extractor, [i for i, _ in pairs], image_size, cache_dir,
-                                                   progress=progress)
-        if progress:
-            print(f"  {'cached' if hit else 'computed and cached'} features: {path}")
     shares = source_shares(source_pairs, source_reader, num_classes)
-    model = train_regressor(found["source"], shares, epochs, seed=seed)
-    labels = np.asarray(model.predict(found["target"], batch_size=256, verbose=0), np.float32)
-    labels /= labels.sum(axis=1, keepdims=True)
+    if features == PREDICTION_FEATURES:
+        labels = predicted_shares(model_dir, [i for i, _ in target_pairs], num_classes, progress=progress)
+    else:
+        extractor = feature_extractor(features, features_weights, image_size, model_dir)
+        cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "pit_keras", "features")
+        found = {}
+        for domain, pairs in (("source", source_pairs), ("target", target_pairs)):
+            if progress:
+                print(f"{domain}: {len(pairs)} images")
+            found[domain], path, hit = cached_features(extractor, [i for i, _ in pairs], image_size, cache_dir,
+                                                       progress=progress)
+            if progress:
+                print(f"  {'cached' if hit else 'computed and cached'} features: {path}")
+        model = train_regressor(found["source"], shares, epochs, seed=seed)
+        labels = np.asarray(model.predict(found["target"], batch_size=256, verbose=0), np.float32)
+        labels /= labels.sum(axis=1, keepdims=True)
 
     labelled = [k for k, (_, label) in enumerate(target_pairs) if label is not None]
     report = None
@@ -273,7 +303,7 @@ def estimate_target_labels(source, source_root, target, target_root, num_classes
         rows = [k for k, ok in zip(labelled, has_pixels) if ok]
         prior = shares[shares.sum(axis=1) > 0].mean(axis=0)
         report = distance_report(truth[has_pixels], {
-            "regressor": labels[rows],
+            ("predictions" if features == PREDICTION_FEATURES else "regressor"): labels[rows],
             "source-mean prior": np.broadcast_to(prior, (len(rows), num_classes)),
             "uniform prior": np.full((len(rows), num_classes), 1.0 / num_classes),
         })

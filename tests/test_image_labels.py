@@ -115,6 +115,23 @@ def test_backbone_features_of_a_trained_run(tiny_benchmark, tmp_path):
         regressor.feature_extractor("InceptionResNetV2", None, (64, 32))
 
 
+def test_predicted_shares_of_a_trained_run(tiny_benchmark, tmp_path):
+    network = build_network("tiny", 19, num_units=0)
+    tf.train.Checkpoint(network=network).save(str(tmp_path / "checkpoints" / "ckpt"))
+    (tmp_path / "run.json").write_text(json.dumps({"backbone": "tiny", "num_classes": 19, "method": "minent",
+                                                   "lse_r": [1], "target_size": [64, 32]}))
+    paths = [i for i, _ in gta5.list_pairs(str(tiny_benchmark / "gta5"))][:3]
+    shares = regressor.predicted_shares(str(tmp_path), paths, 19, progress=False)
+    for row, path in zip(shares, paths):
+        image = tf.image.resize(tf.cast(tf.io.decode_png(tf.io.read_file(path), 3), tf.float32), (32, 64))[None]
+        predicted = np.argmax(network(image, training=False)["seg"].numpy()[0], axis=-1)
+        np.testing.assert_allclose(row, np.bincount(predicted.ravel(), minlength=19) / predicted.size, atol=1e-6)
+    with pytest.raises(UserError, match="predicts 19 classes, not 16"):
+        regressor.predicted_shares(str(tmp_path), paths, 16)
+    with pytest.raises(UserError, match="--features=predictions needs --model_dir"):
+        regressor.predicted_shares(None, paths, 19)
+
+
 def run_cli(*args):
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run([sys.executable, "-m", "pit_keras.image_labels", *args], cwd=REPO, env=env,
