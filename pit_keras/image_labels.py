@@ -67,11 +67,13 @@ def main(argv):
         return
     print(f"distance to the true shares of {report['num_images']} labelled target images (lower is better):")
     print(f"  {'estimate':20} {'chi-squared':>12} {'L1':>8}")
+    estimate = "predictions" if config["features"] == regressor.PREDICTION_FEATURES else "regressor"
     for name in ("regressor", "source-mean prior", "uniform prior"):
-        print(f"  {name:20} {report[name]['chi2']:>12.4f} {report[name]['l1']:>8.4f}")
+        print(f"  {estimate if name == 'regressor' else name:20} {report[name]['chi2']:>12.4f} "
+              f"{report[name]['l1']:>8.4f}")
     if report["regressor"]["chi2"] >= report["source-mean prior"]["chi2"]:
-        print("warning: the regressor is no closer to the target truth than the source-mean prior; its labels "
-              "carry no information about the target images.")
+        print(f"warning: the {estimate} are no closer to the target truth than the source-mean prior; these "
+              "labels carry no information about the target images.")
 
 
 if __name__ == "__main__":

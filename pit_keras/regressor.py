@@ -303,7 +303,7 @@ def estimate_target_labels(source, source_root, target, target_root, num_classes
         rows = [k for k, ok in zip(labelled, has_pixels) if ok]
         prior = shares[shares.sum(axis=1) > 0].mean(axis=0)
         report = distance_report(truth[has_pixels], {
-            ("predictions" if features == PREDICTION_FEATURES else "regressor"): labels[rows],
+            "regressor": labels[rows],
             "source-mean prior": np.broadcast_to(prior, (len(rows), num_classes)),
             "uniform prior": np.full((len(rows), num_classes), 1.0 / num_classes),
         })

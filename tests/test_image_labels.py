@@ -160,3 +160,18 @@ def test_cli_writes_target_labels_and_reports_distances(tiny_benchmark, tmp_path
     bad = run_cli(*args[:-1], f"--output={tmp_path}")
     assert bad.returncode == 2 and "is a folder; name the JSON file" in bad.stderr.strip().splitlines()[-1]
     assert "Traceback" not in bad.stderr
+
+
+def test_cli_with_predicted_shares_of_a_trained_run(tiny_benchmark, tmp_path):
+    run_dir = tmp_path / "run"
+    network = build_network("tiny", 19, num_units=0)
+    tf.train.Checkpoint(network=network).save(str(run_dir / "checkpoints" / "ckpt"))
+    (run_dir / "run.json").write_text(json.dumps({"backbone": "tiny", "num_classes": 19, "method": "minent",
+                                                  "lse_r": [1], "target_size": [64, 32]}))
+    output = tmp_path / "labels.json"
+    result = run_cli("--source=gta5", f"--source_root={tiny_benchmark / 'gta5'}", "--target=cityscapes",
+                     f"--target_root={tiny_benchmark / 'cityscapes'}", "--features=predictions",
+                     f"--model_dir={run_dir}", f"--output={output}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert f"predicted by {run_dir}" in result.stdout and "  predictions " in result.stdout
+    assert len(json.loads(output.read_text())) == 6
