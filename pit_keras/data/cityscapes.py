@@ -4,10 +4,8 @@
 import glob
 import os
 
-import numpy as np
-from PIL import Image
 
-from pit_keras.data import classes
+from pit_keras.data import classes, files
 from pit_keras.errors import UserError
 
 IMAGE_SUFFIX = "_leftImg8bit.png"
@@ -49,11 +47,7 @@ def list_images(root, split, require_labels=False):
 
 def read_train_ids(path):
     """Reads a gtFine labelIds PNG into `[H, W]` uint8 19-class train ids (255 where ignored)."""
-    with Image.open(path) as label:
-        if label.mode not in ("L", "P"):
-            raise UserError(f"{path}: expected an 8-bit greyscale labelIds PNG, got mode {label.mode}.")
-        ids = np.asarray(label)
-    return _LUT[ids]
+    return files.read_8bit_label(path, _LUT, "greyscale labelIds PNG")
 
 
 def relative_key(root, image_path):

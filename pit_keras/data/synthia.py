@@ -9,10 +9,9 @@ into garbage, so the bit depth is read from the PNG header first and anything bu
 import os
 import struct
 
-import numpy as np
 import tensorflow as tf
 
-from pit_keras.data import classes
+from pit_keras.data import classes, files
 from pit_keras.errors import UserError
 
 IMAGE_DIR = "RGB"
@@ -26,19 +25,8 @@ _LUT = classes.synthia_id_to_train_id()
 
 def list_pairs(root):
     """The sorted (image, label) path pairs under a SYNTHIA-RAND-CITYSCAPES root; missing labels are reported."""
-    image_dir, label_dir = os.path.join(root, IMAGE_DIR), os.path.join(root, LABEL_DIR)
-    for folder in (image_dir, label_dir):
-        if not os.path.isdir(folder):
-            raise UserError(f"{folder}: no such folder (expected the SYNTHIA-RAND-CITYSCAPES layout ROOT/RGB, "
-                            "ROOT/GT/LABELS).")
-    names = sorted(n for n in os.listdir(image_dir) if n.lower().endswith(".png"))
-    if not names:
-        raise UserError(f"{image_dir}: no .png images found.")
-    missing = [n for n in names if not os.path.isfile(os.path.join(label_dir, n))]
-    if missing:
-        raise UserError(f"{os.path.join(image_dir, missing[0])} has no label in {label_dir} "
-                        f"({len(missing)} of {len(names)} images lack one).")
-    return [(os.path.join(image_dir, n), os.path.join(label_dir, n)) for n in names]
+    return files.same_name_pairs(os.path.join(root, IMAGE_DIR), os.path.join(root, LABEL_DIR),
+                                 "the SYNTHIA-RAND-CITYSCAPES layout ROOT/RGB, ROOT/GT/LABELS")
 
 
 def _png_header(path, data):
