@@ -67,6 +67,9 @@ def define_train_flags():
     flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
                       "Keras dtype policy; losses stay in float32, mixed_float16 scales the loss.")
     flags.DEFINE_boolean("jit_compile", False, "Compile the training step with XLA.")
+    flags.DEFINE_boolean("deterministic", False, "Deterministic TensorFlow ops "
+                         "(tf.config.experimental.enable_op_determinism): bit-identical resumed runs on GPUs, at "
+                         "some speed. On CPUs runs are reproducible without it.")
 
 
 def define_eval_flags():

@@ -123,6 +123,8 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
     if chief:
         checkpoints.check_or_write_run_config(model_dir, config)
     keras.mixed_precision.set_global_policy(config.get("mixed_precision", "float32"))
+    if config.get("deterministic"):
+        tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config["seed"])
     with strategy.scope():
         network = build_network(config["backbone"], config["num_classes"],

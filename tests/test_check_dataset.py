@@ -25,8 +25,10 @@ def test_every_kind_of_damage_is_named(tiny_benchmark, tmp_path):
     root = tmp_path / "gta5"
     shutil.copytree(tiny_benchmark / "gta5", root)
     names = sorted(p.name for p in (root / "images").iterdir())
-    data = (root / "images" / names[0]).read_bytes()
-    (root / "images" / names[0]).write_bytes(data[: len(data) // 2])
+    # Damaged in its middle: header and end intact, only a full decode finds it.
+    data = bytearray((root / "images" / names[0]).read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    (root / "images" / names[0]).write_bytes(bytes(data))
     Image.open(root / "labels" / names[1]).resize((32, 16)).save(root / "labels" / names[1])
     label = Image.fromarray(np.full((32, 64), 200, np.uint8))
     label.save(root / "labels" / names[2])

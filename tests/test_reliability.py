@@ -40,7 +40,7 @@ def weights_of(model_dir, step):
 
 
 def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_benchmark, tmp_path):
-    steps = ["--num_steps=240", "--checkpoint_every=40"]
+    steps = ["--num_steps=240", "--checkpoint_every=40", "--deterministic"]
     killed = subprocess.Popen(train_command(tiny_benchmark, tmp_path / "killed", *steps), cwd=REPO,
                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = tmp_path / "killed" / "checkpoints" / "ckpt-80.index"
@@ -114,18 +114,23 @@ def test_damaged_source_files_are_skipped_with_a_count(tiny_benchmark, tmp_path)
     # A label whose size differs from its image, and an empty image: caught at start-up.
     Image.open(root / "labels" / images[0].name).resize((32, 16)).save(root / "labels" / images[0].name)
     images[1].write_bytes(b"")
-    # A PNG damaged after its header: skipped by the input pipeline when it is met.
+    # A PNG cut short: its header is fine, its closing IEND chunk is gone; caught at start-up too.
     data = images[2].read_bytes()
     images[2].write_bytes(data[: len(data) // 2])
+    # A PNG damaged in its middle: skipped by the input pipeline whenever it is met.
+    data = bytearray(images[3].read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    images[3].write_bytes(bytes(data))
     bench = tmp_path
     shutil.copytree(tiny_benchmark / "cityscapes", bench / "cityscapes")
     model_dir = tmp_path / "run"
     result = run(train_command(bench, model_dir, "--num_steps=12", "--checkpoint_every=6"))
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "skipped 2 of 6 source files" in result.stdout
+    assert "skipped 3 of 6 source files" in result.stdout
     skipped = (model_dir / "skipped_files.txt").read_text()
     assert f"{root / 'labels' / images[0].name}: label is 32x16 but its image is 64x32" in skipped
     assert f"{images[1]}: the file is empty" in skipped
+    assert f"{images[2]}: truncated PNG (no IEND chunk at its end)" in skipped
     assert "Traceback" not in result.stderr
 
 
