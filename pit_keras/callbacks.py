@@ -1,5 +1,6 @@
 """Callbacks: everything a training step must not do (checkpoints, TensorBoard scalars and images, stopping at
-the step budget, on divergence or on a signal). Each reads the step from `optimizer.iterations`, so a resumed run continues its counters."""
+the step budget, on divergence or on a signal). Each reads the step from `optimizer.iterations`, so a resumed
+run continues its counters."""
 
 import json
 import os

@@ -42,6 +42,9 @@ def define_train_flags():
     flags.DEFINE_enum("loss_resolution", "feature", ["feature", "input"],
                       "Compute L_c and L_r on the logits before (feature) or after (input) upsampling.")
     flags.DEFINE_float("interaction_lr_multiplier", 0.01, "Learning-rate multiplier of the w^k.")
+    flags.DEFINE_enum("image_loss_reduction", "sum", ["sum", "mean"],
+                      "Reduce the image-level BCE over classes by sum (the paper's L_c as written) or mean "
+                      "(PyTorch's BCEWithLogitsLoss default: lambda_c / C).")
     flags.DEFINE_string("image_labels", None,
                         "Target image-level labels: a JSON file (python -m pit_keras.image_labels) or "
                         "ground_truth (the weakly supervised setting). Required by pit.")

@@ -93,21 +93,24 @@ def pixel_cross_entropy(labels, logits, ignore_index=IGNORE_INDEX):
     return tf.math.divide_no_nan(tf.reduce_sum(per_pixel * mask, axis=[1, 2]), tf.reduce_sum(mask, axis=[1, 2]))
 
 
-def image_level_bce(soft_labels, image_logits):
+def image_level_bce(soft_labels, image_logits, reduction="sum"):
     """Soft-label binary cross-entropy L_img between image-level labels and sigmoid(s^k), per image.
-
-    Summed over classes, as the paper's L_c sums over c (and the trainer sums over units k).
 
     Args:
         soft_labels: `[B, C]` targets in [0, 1] (class shares).
         image_logits: `[B, C]` LSE-pooled logits s^k.
+        reduction: "sum" over classes, as the paper's L_c is written (the trainer sums over units k), or "mean"
+            over classes, as a PyTorch `BCEWithLogitsLoss` with its default reduction computes it: the same
+            loss with lambda_c divided by C.
 
     Returns:
-        `[B]` cross-entropy summed over classes.
+        `[B]` cross-entropy summed or averaged over classes.
     """
+    if reduction not in ("sum", "mean"):
+        raise ValueError(f"reduction must be sum or mean, got {reduction!r}")
     per_class = tf.nn.sigmoid_cross_entropy_with_logits(
         labels=tf.cast(soft_labels, tf.float32), logits=tf.cast(image_logits, tf.float32))
-    return tf.reduce_sum(per_class, axis=-1)
+    return tf.reduce_sum(per_class, axis=-1) if reduction == "sum" else tf.reduce_mean(per_class, axis=-1)
 
 
 def entropy_loss(logits):

@@ -40,6 +40,7 @@ def parse_config():
         "lambda_c": FLAGS.lambda_c, "lambda_r": FLAGS.lambda_r, "lambda_ent": FLAGS.lambda_ent,
         "recon_domains": list(FLAGS.recon_domains), "loss_resolution": FLAGS.loss_resolution,
         "interaction_lr_multiplier": FLAGS.interaction_lr_multiplier, "image_labels": FLAGS.image_labels,
+        "image_loss_reduction": FLAGS.image_loss_reduction,
         "batch_size": FLAGS.batch_size, "num_steps": FLAGS.num_steps, "learning_rate": FLAGS.learning_rate,
         "momentum": FLAGS.momentum, "weight_decay": FLAGS.weight_decay, "poly_power": FLAGS.poly_power,
         "seed": FLAGS.seed, "strategy": FLAGS.strategy, "cpu_replicas": FLAGS.cpu_replicas,

@@ -46,11 +46,13 @@ class PITTrainer(keras.Model):
             cost); "input" computes them on the upsampled maps. L_f is always at label resolution.
         interaction_lr_multiplier: scales the gradient of the w^k (with SGD, their learning rate): at a
             demo-size learning rate, full-rate w^k swing wildly and make L_r blow up (DESIGN.md section 6).
+        image_loss_reduction: "sum" the image-level BCE over classes (the paper's L_c as written) or take its
+            "mean" (PyTorch's BCEWithLogitsLoss default; the same as lambda_c / C). See README.
     """
 
     def __init__(self, network, num_classes, method="pit", lse_r=(0.5, 1.0, 1.5), lse_normalize=False,
                  lambda_c=0.5, lambda_r=0.5, lambda_ent=0.001, recon_domains=DOMAINS,
-                 loss_resolution="feature", interaction_lr_multiplier=0.01, **kwargs):
+                 loss_resolution="feature", interaction_lr_multiplier=0.01, image_loss_reduction="sum", **kwargs):
         super().__init__(**kwargs)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -67,6 +69,7 @@ class PITTrainer(keras.Model):
         self.lse_normalize = lse_normalize
         self.loss_resolution = loss_resolution
         self.interaction_lr_multiplier = interaction_lr_multiplier
+        self.image_loss_reduction = image_loss_reduction
         self.term_weights = self._term_weights(lambda_c, lambda_r, lambda_ent, tuple(recon_domains))
         self.trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", *self.term_weights)}
 
@@ -108,7 +111,8 @@ class PITTrainer(keras.Model):
         tag = "src" if domain == "source" else "trg"
         if f"img_{tag}" in self.term_weights:
             terms[f"img_{tag}"] = tf.add_n([
-                losses.image_level_bce(image_labels, losses.lse_pool(cam, r, self.lse_normalize))
+                losses.image_level_bce(image_labels, losses.lse_pool(cam, r, self.lse_normalize),
+                                       self.image_loss_reduction)
                 for cam, r in zip(cams, self.lse_r)])
         if f"rec_{tag}" in self.term_weights:
             terms[f"rec_{tag}"] = losses.reconstruction_loss(cams, interaction_weights(self.network), seg)
@@ -125,7 +129,7 @@ class PITTrainer(keras.Model):
             source_labels = losses.image_level_labels(batch["source_label"], self.num_classes)
             terms.update(self._pit_terms(source, source_labels, "source"))
             terms.update(self._pit_terms(target, batch["target_image_labels"], "target"))
-        elif self.method == "minent":
+        elif "ent_trg" in self.term_weights:  # lambda_ent = 0 keeps the target's BatchNorm statistics only
             terms["ent_trg"] = losses.entropy_loss(target["seg"])
         return terms
 

@@ -36,7 +36,8 @@ def build_trainer(config, network):
         network, config["num_classes"], method=config["method"], lse_r=config["lse_r"],
         lse_normalize=config["lse_normalize"], lambda_c=config["lambda_c"], lambda_r=config["lambda_r"],
         lambda_ent=config["lambda_ent"], recon_domains=config["recon_domains"],
-        loss_resolution=config["loss_resolution"], interaction_lr_multiplier=config["interaction_lr_multiplier"])
+        loss_resolution=config["loss_resolution"], interaction_lr_multiplier=config["interaction_lr_multiplier"],
+        image_loss_reduction=config.get("image_loss_reduction", "sum"))
     schedule = keras.optimizers.schedules.PolynomialDecay(
         config["learning_rate"], decay_steps=config["num_steps"], end_learning_rate=0.0, power=config["poly_power"])
     optimizer = keras.optimizers.SGD(schedule, momentum=config["momentum"],

@@ -83,6 +83,8 @@ def test_image_level_bce_matches_numpy():
     p = 1 / (1 + np.exp(-s.astype(np.float64)))
     expected = -(y * np.log(p) + (1 - y) * np.log(1 - p)).sum(-1)
     np.testing.assert_allclose(losses.image_level_bce(tf.constant(y), tf.constant(s)).numpy(), expected, rtol=1e-5)
+    np.testing.assert_allclose(losses.image_level_bce(tf.constant(y), tf.constant(s), "mean").numpy(), expected / 6,
+                               rtol=1e-5)
 
 
 def test_entropy_loss_matches_numpy_and_is_one_for_uniform():

@@ -78,6 +78,15 @@ def test_total_loss_is_the_weighted_sum_of_the_terms():
     np.testing.assert_allclose(logs["loss"], expected, rtol=1e-5)
 
 
+def test_mean_image_loss_reduction_divides_the_image_terms_by_the_class_count():
+    data = next(iter(batches()))
+    summed = make_trainer("pit").compute_terms(data)
+    averaged = make_trainer("pit", image_loss_reduction="mean").compute_terms(data)
+    for name in ("img_src", "img_trg"):
+        np.testing.assert_allclose(averaged[name].numpy(), summed[name].numpy() / C, rtol=1e-5)
+    np.testing.assert_allclose(averaged["rec_src"].numpy(), summed["rec_src"].numpy(), rtol=1e-6)
+
+
 def test_feature_and_input_resolution_losses_agree_closely():
     data = next(iter(batches()))
     feature = make_trainer("pit", loss_resolution="feature").compute_terms(data)
