@@ -44,7 +44,8 @@ def test_aggregation_and_page(tmp_path):
     fake_run(out, "pit_gt", 0, 40.0, [80.0, 30.0, None])
     fake_run(out, "pit_gt", 1, 44.0, [84.0, 34.0, None])
     fake_run(out, "pit_gt_no_lr", 0, 38.0, [78.0, 28.0, None])
-    rows = ["source_only", "minent", "pit_gt", "pit_gt_no_lr", "pit_gt_r0.5", "pit_gt_units4"]
+    fake_run(out, "pit_gt_lc_per_unit", 0, 43.0, [80.0, 30.0, None])
+    rows = ["source_only", "minent", "pit_gt", "pit_gt_no_lr", "pit_gt_r0.5", "pit_gt_units4", "pit_gt_lc_per_unit"]
     summary = results_table.summarize(str(out), rows, [0, 1, 2])
 
     entry = summary["rows"]["source_only"]
@@ -71,6 +72,7 @@ def test_aggregation_and_page(tmp_path):
     assert "| without L_r (lambda_r = 0) | 38.0 (one seed) | 1 | 38.0 | -4.0 |" in page
     # Table 4 reuses the runs of rows above: 3 units is the full PIT-GT row.
     assert "| 3 (r = 0.5, 1, 1.5) | 42.0 ± 2.8 | 2 |" in page
+    assert "| 3 units, lambda_c = 0.5 / 3 (L_c weighed as one unit's) | 43.0 (one seed) | 1 | 43.0 | +1.0 vs PIT-GT |" in page
     assert "| car | 14.7 | 32.0 |" in page and "| train | - | - |" in page
     assert "minent seed 0: train exited with 1: boom" in page
     assert page.rstrip().endswith("PIT helps here.")
@@ -186,6 +188,9 @@ def test_figures_of_a_baseline_run_have_no_cams(tiny_runs, tmp_path):
     assert [p.rsplit("/", 1)[1] for p in written] == ["fig2_predictions.png"]
     with pytest.raises(UserError, match="outside the split"):
         figures.make_figures(str(tiny_runs["source_only"]), str(tmp_path), images=["7"])
+    with pytest.raises(UserError, match="'cat' is not a class"):
+        figures.make_figures(str(tiny_runs["pit"]), str(tmp_path / "none"), classes=["cat"])
+    assert not (tmp_path / "none").exists()
 
 
 def test_pick_images_spreads_over_the_split():

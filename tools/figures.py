@@ -12,7 +12,8 @@
   p = sigmoid(s^k(c)) and the class's true share y(c). Only for PIT runs (the baselines have no units).
 
 Images are picked evenly over the val split (not by how well the method does on them) unless `--images` names
-them. Networks are rebuilt from each run's run.json and its newest checkpoint.
+them. Networks are rebuilt from each run's run.json and its newest checkpoint. Captions use Pillow's default
+font; a figure over `--max_kb` as an RGB PNG is written with a 256-colour palette.
 """
 
 import os
@@ -37,6 +38,8 @@ def define_flags():
                       "--num_classes are the image's largest classes.")
     flags.DEFINE_integer("num_classes", 3, "Classes shown in Fig. 3.")
     flags.DEFINE_string("split", "val", "Target split the images come from.")
+    flags.DEFINE_integer("max_kb", 300, "A figure larger than this as an RGB PNG is written with a 256-colour "
+                         "palette; 0 never does.")
 
 
 CAPTION_HEIGHT = 14
@@ -135,10 +138,15 @@ def grid(rows):
     return canvas
 
 
-def save_png(picture, path):
+def save_png(picture, path, max_kb=None):
+    """Writes an RGB PNG; one larger than `max_kb` is written with a 256-colour adaptive palette instead (the
+    noisy target images are what makes it large; labels and heat maps keep their look)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
     tmp = f"{path}.tmp-{os.getpid()}.png"
     picture.save(tmp, optimize=True)
+    if max_kb and os.path.getsize(tmp) > max_kb * 1024:
+        picture.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(tmp, optimize=True)
+        print(f"{path}: over {max_kb} KB as RGB, written with a 256-colour palette")
     os.replace(tmp, path)
     print(f"wrote {path} ({os.path.getsize(path) // 1024} KB)")
 
@@ -182,9 +190,6 @@ def pick_classes(label, class_set, preferred, count):
     from pit_keras.data import soft_labels
 
     shares = soft_labels.shares(label, class_set.num_classes)
-    unknown = [name for name in preferred if name not in class_set.names]
-    if unknown:
-        raise UserError(f"--classes: {unknown[0]!r} is not a class of this run ({', '.join(class_set.names)}).")
     chosen = [class_set.names.index(n) for n in preferred if shares[class_set.names.index(n)] > 0][:count]
     for c in np.argsort(-shares):
         if len(chosen) >= count or shares[c] <= 0:
@@ -225,7 +230,7 @@ def figure3(config, network, pairs, reader, index, class_set, preferred, count):
 
 
 def make_figures(model_dir, output_dir, compare_dir=None, num_images=3, images=(), classes=(), num_classes=3,
-                 split="val"):
+                 split="val", max_kb=300):
     """Writes fig2_predictions.png and (for a PIT run) fig3_cams.png; returns the paths written."""
     from pit_keras.data import classes as class_tables
 
@@ -239,16 +244,19 @@ def make_figures(model_dir, output_dir, compare_dir=None, num_images=3, images=(
                                 f"{model_dir} has {config.get(key)}; compare runs on the same target.")
         runs.insert(0, compare)
     class_set = class_tables.CLASS_SETS[config["class_set"]]
+    unknown = [name for name in classes if name not in class_set.names]
+    if unknown:
+        raise UserError(f"--classes: {unknown[0]!r} is not a class of this run ({', '.join(class_set.names)}).")
     pairs, reader = target_split(config, split)
     indices = pick_images(len(pairs), num_images, list(images))
     written = [os.path.join(output_dir, "fig2_predictions.png")]
-    save_png(figure2(runs, pairs, reader, indices, class_set), written[0])
+    save_png(figure2(runs, pairs, reader, indices, class_set), written[0], max_kb)
     if config["method"] != "pit":
         print(f"no Fig. 3: {model_dir} is a {config['method']} run, without region-expansion units")
         return written
     written.append(os.path.join(output_dir, "fig3_cams.png"))
     save_png(figure3(config, network, pairs, reader, indices[0], class_set, list(classes), num_classes),
-             written[1])
+             written[1], max_kb)
     return written
 
 
@@ -260,7 +268,7 @@ def main(argv):
     if FLAGS.num_classes <= 0:
         raise UserError(f"--num_classes={FLAGS.num_classes}: must be positive.")
     make_figures(FLAGS.model_dir, FLAGS.output_dir, FLAGS.compare_dir, FLAGS.num_images, FLAGS.images,
-                 FLAGS.classes, FLAGS.num_classes, FLAGS.split)
+                 FLAGS.classes, FLAGS.num_classes, FLAGS.split, FLAGS.max_kb)
 
 
 if __name__ == "__main__":

@@ -13,7 +13,9 @@ for other flags (another `--num_steps`, say) is refused instead of mixing settin
 The unsupervised row (`pit_regressor`) first writes each seed's target image labels with
 `python -m pit_keras.image_labels`, from `--regressor_features` (the paper: ImageNet Inception-ResNet-v2;
 `backbone`: the backbone of the same seed's source-only run), and reports their distance to the target truth
-next to the source-mean prior.
+next to the source-mean prior. Diagnostic rows (`--rows=diagnostic`, not in the paper) separate effects the
+paper's ablations confound on this benchmark: the weight of L_c against the number of units, and L_c's sum
+over classes against a mean.
 """
 
 import dataclasses
@@ -53,6 +55,8 @@ class Row:
         overrides: train flags after the demo flagfile.
         group: "main", "table3" or "table4" (the section it is printed in, and a `--rows` key).
         paper: the paper's number for this row (ResNet-101, GTAV -> Cityscapes), for orientation only.
+        regressor_labels: trains on the regressor's target image labels (those of the pit_regressor row).
+        reference: the row a diagnostic row is compared with.
     """
 
     name: str
@@ -60,6 +64,8 @@ class Row:
     overrides: tuple
     group: str
     paper: str
+    regressor_labels: bool = False
+    reference: str = "pit_gt"
 
 
 ROWS = (
@@ -67,7 +73,7 @@ ROWS = (
     Row("minent", "MinEnt (ADVENT, lambda 0.001)", ("--method=minent", "--image_labels="), "main", "-"),
     Row("pit_gt", "PIT, ground-truth target image labels (weakly supervised)", (), "main", "52.9 (Table 5)"),
     # Its --image_labels is added per seed (`train_args`).
-    Row(REGRESSOR_ROW, "PIT, regressor image labels (unsupervised)", (), "main", "50.6"),
+    Row(REGRESSOR_ROW, "PIT, regressor image labels (unsupervised)", (), "main", "50.6", regressor_labels=True),
     Row("pit_gt_no_lc", "without L_c (lambda_c = 0)", ("--lambda_c=0",), "table3", "40.8"),
     Row("pit_gt_no_lr", "without L_r (lambda_r = 0)", ("--lambda_r=0",), "table3", "38.0"),
     Row("pit_gt_rec_target", "L_r on target only", ("--recon_domains=target",), "table3", "38.5"),
@@ -76,15 +82,25 @@ ROWS = (
     Row("pit_gt_r1.5", "one unit, r = 1.5", ("--lse_r=1.5",), "table3", "45.7"),
     Row("pit_gt_units2", "2 units (r = 0.5, 1)", ("--lse_r=0.5,1",), "table4", "48.2"),
     Row("pit_gt_units4", "4 units (r = 0.5, 1, 1.5, 2)", ("--lse_r=0.5,1,1.5,2",), "table4", "50.7"),
+    # L_c sums over the units, so K units also weigh L_c K times: this row separates the two effects.
+    Row("pit_gt_lc_per_unit", "3 units, lambda_c = 0.5 / 3 (L_c weighed as one unit's)", ("--lambda_c=0.166667",),
+        "diagnostic", "-"),
+    # The paper sums L_c over classes; a mean over classes (PyTorch's default reduction) is lambda_c / C.
+    Row("pit_gt_lc_mean", "PIT-GT, L_c averaged over classes", ("--image_loss_reduction=mean",), "diagnostic",
+        "-"),
+    Row("pit_regressor_lc_mean", "PIT-regressor, L_c averaged over classes", ("--image_loss_reduction=mean",),
+        "diagnostic", "-", regressor_labels=True, reference=REGRESSOR_ROW),
 )
 ROWS_BY_NAME = {row.name: row for row in ROWS}
 # Table 4 (number of units) shares runs with rows above: 1 unit is r = 0.5, 3 units is the full setting.
 TABLE4 = (("1 (r = 0.5)", "pit_gt_r0.5", "44.9"), ("2 (r = 0.5, 1)", "pit_gt_units2", "48.2"),
           ("3 (r = 0.5, 1, 1.5)", "pit_gt", "50.6"), ("4 (r = 0.5, 1, 1.5, 2)", "pit_gt_units4", "50.7"))
+REFERENCE_NAMES = {"pit_gt": "PIT-GT", REGRESSOR_ROW: "PIT-regressor"}
 MAIN_ROWS = tuple(row.name for row in ROWS if row.group == "main")
 GROUPS = {"all": tuple(ROWS_BY_NAME), "main": MAIN_ROWS,
           "table3": ("pit_gt",) + tuple(r.name for r in ROWS if r.group == "table3"),
-          "table4": tuple(name for _, name, _ in TABLE4)}
+          "table4": tuple(name for _, name, _ in TABLE4),
+          "diagnostic": ("pit_gt", REGRESSOR_ROW) + tuple(r.name for r in ROWS if r.group == "diagnostic")}
 
 FLAGS = flags.FLAGS
 
@@ -145,7 +161,7 @@ def train_args(row, seed, output_dir, num_steps):
     """The flags of one training run (after `python -m pit_keras.train`)."""
     args = [f"--flagfile={FLAGFILE}", f"--model_dir={run_dir(output_dir, row, seed)}", f"--seed={seed}",
             f"--num_steps={num_steps}", "--evaluate=true", "--verbose=0", *ROWS_BY_NAME[row].overrides]
-    if row == REGRESSOR_ROW:
+    if ROWS_BY_NAME[row].regressor_labels:
         args.append(f"--image_labels={image_labels_path(output_dir, seed)}")
     return args
 
@@ -276,7 +292,7 @@ def run_all(rows, seeds, output_dir, num_steps, regressor_features):
     failures = {}
     for row in rows:
         for seed in seeds:
-            if row == REGRESSOR_ROW:
+            if ROWS_BY_NAME[row].regressor_labels:
                 reason = make_image_labels(seed, output_dir, num_steps, regressor_features)
                 if reason:
                     failures[(row, seed)] = f"no image labels: {reason}"
@@ -399,7 +415,8 @@ def delta(entry, reference):
     return f"{entry['miou_mean'] - reference['miou_mean']:+.1f}"
 
 
-def markdown(summary, command, machine_info, seeds, num_steps, failures, notes=None, waiting=None):
+def markdown(summary, command, machine_info, seeds, num_steps, failures, notes=None, waiting=None,
+             regressor_features=None):
     """The results page."""
     rows = summary["rows"]
     lines = [
@@ -456,6 +473,14 @@ def markdown(summary, command, machine_info, seeds, num_steps, failures, notes=N
             entry = rows[name]
             lines.append(f"| {units} | {fmt_miou(entry)} | {entry['num_seeds']} | {fmt_seeds(entry)} | "
                          f"{'' if name == 'pit_gt' else delta(entry, reference)} | {paper} |")
+    diagnostic = [r for r in ROWS if r.group == "diagnostic" and r.name in rows]
+    if diagnostic:
+        lines += ["", "## Diagnostic rows (not in the paper)", "",
+                  "| setting | target mIoU | seeds | per seed | vs its reference |", "|---|---|---|---|---|"]
+        for row in diagnostic:
+            entry = rows[row.name]
+            lines.append(f"| {entry['label']} | {fmt_miou(entry)} | {entry['num_seeds']} | {fmt_seeds(entry)} | "
+                         f"{delta(entry, rows.get(row.reference))} vs {REFERENCE_NAMES[row.reference]} |")
     main = [rows[name] for name in MAIN_ROWS if name in rows and rows[name]["num_seeds"]]
     if main:
         classes = main[0]["classes"]
@@ -466,7 +491,11 @@ def markdown(summary, command, machine_info, seeds, num_steps, failures, notes=N
             lines.append(f"| {name} | " + " | ".join(fmt(e["per_class_iou_mean"].get(name)) for e in main) + " |")
         lines.append("| **mIoU** | " + " | ".join(fmt(e["miou_mean"]) for e in main) + " |")
     if summary["regressor"]:
+        source = ("the backbone of the same seed's source-only run (global-average pooled)"
+                  if regressor_features == BACKBONE_FEATURES else f"{regressor_features} with ImageNet weights")
         lines += ["", "## The regressor's target image labels", "",
+                  f"Each seed's labels come from `python -m pit_keras.image_labels` (its default training) on "
+                  f"features of {source}.", "",
                   "Mean distance to the true class shares of the 400 target training images (lower is better):", "",
                   "| seed | regressor chi-squared | source-mean prior chi-squared | regressor L1 | prior L1 |",
                   "|---|---|---|---|---|"]
@@ -497,13 +526,14 @@ def json_payload(summary, command, machine_info, seeds, num_steps, failures):
 
 
 def write_results(summary, command, seeds, num_steps, failures, markdown_path, json_path, notes_path=None,
-                  waiting=None):
+                  waiting=None, regressor_features=None):
     info = machine()
     notes = None
     if notes_path and os.path.isfile(notes_path):
         with open(notes_path) as f:
             notes = f.read()
-    write_text_atomic(markdown_path, markdown(summary, command, info, seeds, num_steps, failures, notes, waiting))
+    write_text_atomic(markdown_path, markdown(summary, command, info, seeds, num_steps, failures, notes, waiting,
+                                              regressor_features))
     write_json_atomic(json_path, json_payload(summary, command, info, seeds, num_steps, failures))
 
 
@@ -532,7 +562,7 @@ def main(argv):
     elif regressor_failures:
         waiting = f"waits for the regressor: {regressor_failures[0]}"
     write_results(summary, command, seeds, FLAGS.num_steps, failures, FLAGS.markdown, FLAGS.json, FLAGS.notes,
-                  waiting)
+                  waiting, FLAGS.regressor_features)
     print(f"wrote {FLAGS.markdown} and {FLAGS.json}")
     if failures:
         print(f"{len(failures)} run(s) failed; see the logs in their folders and rerun to retry.")
