@@ -10,22 +10,41 @@ import tensorflow as tf
 AUTOTUNE = tf.data.AUTOTUNE
 
 
-def load_image(path, size=None):
-    """Decodes a PNG/JPEG to `[H, W, 3]` float32 in [0, 255], resized bilinearly to size=(W, H) if given."""
-    image = tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+def decode_image(path):
+    """Decodes a PNG/JPEG to `[H, W, 3]` uint8 RGB."""
+    return tf.io.decode_image(tf.io.read_file(path), channels=3, expand_animations=False)
+
+
+def resize_image(image, size=None):
+    """`[H, W, 3]` -> float32 in [0, 255], resized bilinearly to size=(W, H) if given."""
     image = tf.cast(image, tf.float32)
     if size is not None:
         image = tf.image.resize(image, (size[1], size[0]), method="bilinear")
     return image
 
 
-def load_label(path, reader, size=None):
-    """Reads a label file with `reader(path) -> [H, W] uint8 train ids`, resized (nearest) to size=(W, H)."""
+def load_image(path, size=None):
+    """Decodes a PNG/JPEG to `[H, W, 3]` float32 in [0, 255], resized bilinearly to size=(W, H) if given."""
+    return resize_image(decode_image(path), size)
+
+
+def read_label(path, reader):
+    """Reads a label file with `reader(path) -> [H, W] uint8 train ids`."""
     label = tf.numpy_function(lambda p: reader(np.asarray(p).item().decode()), [path], tf.uint8, stateful=False)
     label.set_shape([None, None])
+    return label
+
+
+def resize_label(label, size=None):
+    """`[H, W]` train ids resized (nearest) to size=(W, H) if given."""
     if size is not None:
         label = tf.image.resize(label[..., None], (size[1], size[0]), method="nearest")[..., 0]
     return label
+
+
+def load_label(path, reader, size=None):
+    """Reads a label file with `reader(path) -> [H, W] uint8 train ids`, resized (nearest) to size=(W, H)."""
+    return resize_label(read_label(path, reader), size)
 
 
 def _shard(ds, shard):
@@ -33,31 +52,45 @@ def _shard(ds, shard):
     return ds if shard is None else ds.shard(*shard)
 
 
-def _endless(ds, seed, batch_size, skip_batches, load):
+def _endless(ds, seed, batch_size, skip_batches, decode, resize, cache=False):
+    count = ds.cardinality()
+    if cache:
+        # The decoded files are kept in memory (uint8, at their own size) after their first use and resized
+        # every time, as without the cache. The shuffle sees as many elements with the same seed as the
+        # file-name shuffle below, so the batches are the same as without the cache.
+        ds = ds.map(decode, num_parallel_calls=AUTOTUNE).ignore_errors(log_warning=True).cache()
+        ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=True).repeat().skip(skip_batches * batch_size)
+        ds = ds.map(resize, num_parallel_calls=AUTOTUNE)
+        return ds.batch(batch_size, drop_remainder=True)
     # The shuffled order is a function of the seed alone, so skipping the file names of the batches a resumed
     # run has already seen (cheap: nothing is decoded) continues the uninterrupted run's data order.
-    ds = ds.shuffle(ds.cardinality(), seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.skip(skip_batches * batch_size).map(load, num_parallel_calls=AUTOTUNE)
+    ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=True).repeat()
+    ds = ds.skip(skip_batches * batch_size).map(lambda *x: resize(*decode(*x)), num_parallel_calls=AUTOTUNE)
     # A file damaged past its header (checked at start-up) is skipped with a warning, not a crash.
     return ds.ignore_errors(log_warning=True).batch(batch_size, drop_remainder=True)
 
 
-def source_dataset(pairs, reader, size, batch_size, seed=0, shard=None, skip_batches=0):
+def source_dataset(pairs, reader, size, batch_size, seed=0, shard=None, skip_batches=0, cache=False):
     """Endless shuffled batches of `(image, label)` from (image, label) path pairs.
 
     `shard=(count, index)` keeps every count-th pair from index on (one input pipeline of several);
-    `skip_batches` starts after that many batches of the same sequence (resuming a run)."""
+    `skip_batches` starts after that many batches of the same sequence (resuming a run); `cache` keeps the
+    decoded files in memory after their first use (uint8: 4 bytes a pixel at the files' own size), so only the
+    first epoch reads and decodes them."""
     images, labels = zip(*pairs)
     ds = _shard(tf.data.Dataset.from_tensor_slices((list(images), list(labels))), shard)
     return _endless(ds, seed, batch_size, skip_batches,
-                    lambda i, l: (load_image(i, size), load_label(l, reader, size)))
+                    lambda i, l: (decode_image(i), read_label(l, reader)),
+                    lambda i, l: (resize_image(i, size), resize_label(l, size)), cache)
 
 
-def target_dataset(image_paths, image_labels, size, batch_size, seed=0, shard=None, skip_batches=0):
-    """Endless shuffled batches of `(image, soft image-level labels)`; `image_labels` is `[N, C]`."""
+def target_dataset(image_paths, image_labels, size, batch_size, seed=0, shard=None, skip_batches=0, cache=False):
+    """Endless shuffled batches of `(image, soft image-level labels)`; `image_labels` is `[N, C]`; `cache` as
+    for `source_dataset` (3 bytes a pixel)."""
     labels = np.asarray(image_labels, np.float32)
     ds = _shard(tf.data.Dataset.from_tensor_slices((list(image_paths), labels)), shard)
-    return _endless(ds, seed + 1, batch_size, skip_batches, lambda i, y: (load_image(i, size), y))
+    return _endless(ds, seed + 1, batch_size, skip_batches, lambda i, y: (decode_image(i), y),
+                    lambda i, y: (resize_image(i, size), y), cache)
 
 
 def training_dataset(source, target=None):
