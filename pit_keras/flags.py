@@ -68,8 +68,18 @@ def define_train_flags():
                       "of TF_CONFIG.")
     flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices (test distribution without GPUs).")
     flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
-                      "Keras dtype policy; losses stay in float32, mixed_float16 scales the loss.")
-    flags.DEFINE_boolean("jit_compile", False, "Compile the training step with XLA.")
+                      "Keras dtype policy; losses stay in float32, mixed_float16 scales the loss. On CPUs "
+                      "(docs/performance.md): mixed_bfloat16 makes DeepLab-v2 steps ~1.4x faster on CPUs with "
+                      "AVX512_BF16 but small backbones no faster or slower; mixed_float16 is for GPUs only "
+                      "(2-4x slower on CPUs).")
+    flags.DEFINE_boolean("jit_compile", False, "Compile the training step with XLA (for GPUs: on CPUs it made "
+                         "steps 2-8x slower than TensorFlow's oneDNN kernels; docs/performance.md).")
+    flags.DEFINE_boolean("cache_images", False, "Keep every decoded training image in memory after its first "
+                         "read (the same batches; for datasets that fit in RAM, e.g. the embedded benchmark: "
+                         "90 MB; docs/performance.md).")
+    flags.DEFINE_enum("aspp_implementation", "matmul", ["matmul", "conv"],
+                      "How DeepLab-v2's ASPP heads are computed (the same function and weights): one matrix "
+                      "product and shifted sums (2.2x faster on CPUs), or four dilated convolutions.")
     flags.DEFINE_boolean("deterministic", False, "Deterministic TensorFlow ops "
                          "(tf.config.experimental.enable_op_determinism): bit-identical resumed runs on GPUs, at "
                          "some speed. On CPUs runs are reproducible without it.")

@@ -45,6 +45,7 @@ def parse_config():
         "momentum": FLAGS.momentum, "weight_decay": FLAGS.weight_decay, "poly_power": FLAGS.poly_power,
         "seed": FLAGS.seed, "strategy": FLAGS.strategy, "cpu_replicas": FLAGS.cpu_replicas,
         "mixed_precision": FLAGS.mixed_precision, "jit_compile": FLAGS.jit_compile,
+        "aspp_implementation": FLAGS.aspp_implementation, "cache_images": FLAGS.cache_images,
         "deterministic": FLAGS.deterministic,
     }
 

@@ -85,15 +85,17 @@ def load_domains(config, trainer):
 
 def build_dataset(config, domains, batch_size, shard=None, skip_batches=0):
     """The zipped training dataset: batches of `batch_size` per domain, from one shard of the files, starting
-    after `skip_batches` batches (a resumed run continues the data order of an uninterrupted one)."""
+    after `skip_batches` batches (a resumed run continues the data order of an uninterrupted one); with
+    `config["cache_images"]` each file is decoded once and kept in memory (the same batches)."""
     pairs, reader = domains["source"]
+    cache = config.get("cache_images", False)
     source = pipeline.source_dataset(pairs, reader, config["source_size"], batch_size, seed=config["seed"],
-                                     shard=shard, skip_batches=skip_batches)
+                                     shard=shard, skip_batches=skip_batches, cache=cache)
     target = None
     if domains["target"] is not None:
         paths, labels = domains["target"]
         target = pipeline.target_dataset(paths, labels, config["target_size"], batch_size, seed=config["seed"],
-                                         shard=shard, skip_batches=skip_batches)
+                                         shard=shard, skip_batches=skip_batches, cache=cache)
     return pipeline.training_dataset(source, target)
 
 
@@ -130,7 +132,8 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
     with strategy.scope():
         network = build_network(config["backbone"], config["num_classes"],
                                 num_units=len(config["lse_r"]) if config["method"] == "pit" else 0,
-                                backbone_weights=config["backbone_weights"])
+                                backbone_weights=config["backbone_weights"],
+                                aspp_implementation=config.get("aspp_implementation", "matmul"))
         trainer = build_trainer(config, network)
         # Built here, inside the scope: the optimizer's slots must be mirrored like the weights they follow.
         trainer.optimizer.build(network.trainable_variables)

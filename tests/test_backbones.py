@@ -154,6 +154,52 @@ def test_aspp_classifier_sums_four_dilated_convolutions():
     assert head.count_params() == 4 * (3 * 3 * 8 * 5 + 5)
 
 
+@pytest.mark.parametrize("policy", ["float32", "mixed_bfloat16"])
+def test_aspp_matmul_implementation_computes_the_convolutions_and_their_gradients(policy):
+    # The reference is the float32 convolution; in bfloat16 the matmul form sums its taps in float32 and stays
+    # close to it (bfloat16 convolutions lose more: their bias gradient here saturates at 1024).
+    features = tf.random.normal((2, 13, 30, 8), seed=8)  # rate 24 reaches past the map's 13 rows
+    conv = heads.ASPPClassifier(5, implementation="conv")
+    matmul = heads.ASPPClassifier(5, dtype=policy)
+    for head in (conv, matmul):
+        head.build(features.shape)
+    for source, dest in zip(conv.branches, matmul.branches):
+        dest.kernel.assign(source.kernel)
+        dest.bias.assign(tf.random.normal(dest.bias.shape, seed=9))
+        source.bias.assign(dest.bias)
+    results = []
+    for head in (conv, matmul):
+        with tf.GradientTape() as tape:
+            tape.watch(features)
+            logits = head(features)
+            loss = tf.reduce_sum(tf.cast(logits, tf.float32) * tf.range(5, dtype=tf.float32))
+        results.append([logits, *tape.gradient(loss, [features, *head.trainable_variables])])
+    tolerance = 1e-4 if policy == "float32" else 2e-2
+    for got, expected in zip(results[1], results[0]):
+        expected = expected.numpy()
+        np.testing.assert_allclose(tf.cast(got, tf.float32).numpy(), expected, rtol=tolerance,
+                                   atol=tolerance * np.abs(expected).max())
+    names = [[v.path.split("/", 1)[1] for v in head.trainable_variables] for head in (conv, matmul)]
+    assert names[0] == names[1] == [f"rate_{r}/{w}" for r in (6, 12, 18, 24) for w in ("kernel", "bias")]
+
+
+def test_aspp_matmul_implementation_converts_to_builtin_tflite_ops():
+    from ai_edge_litert.interpreter import Interpreter
+
+    from pit_keras import exporting
+
+    image = keras.Input((None, None, 3))
+    model = keras.Model(image, heads.ASPPClassifier(3)(keras.layers.Conv2D(4, 3, strides=4)(image)))
+    flatbuffer = exporting.convert_tflite(model, (40, 24), "float32")
+    interpreter = Interpreter(model_content=flatbuffer)
+    interpreter.allocate_tensors()
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 24, 40, 3), dtype=np.uint8)
+    runner = interpreter.get_signature_runner()
+    got = runner(images=pixels)["labels"]
+    expected = np.argmax(model(pixels.astype(np.float32)).numpy(), axis=-1)
+    np.testing.assert_array_equal(got, expected)
+
+
 def test_aspp_heads_are_used_when_the_backbone_asks_and_survive_safe_mode(monkeypatch, tmp_path):
     assert backbones.BACKBONES["deeplabv2_resnet101"].head == "aspp"
     assert backbones.BACKBONES["fcn8s_vgg16"].head == backbones.BACKBONES["tiny"].head == "conv1x1"

@@ -125,3 +125,22 @@ def test_image_labels_json_round_trip_and_errors(tmp_path):
     with pytest.raises(UserError, match="no such file"):
         soft_labels.load_json(str(tmp_path / "missing.json"), keys, 3)
     assert json.loads((tmp_path / "labels.json").read_text())[keys[1]][2] == pytest.approx(0.7)
+
+
+def test_cached_pipeline_gives_the_same_batches_and_reads_each_file_once(tiny_benchmark):
+    pairs = gta5.list_pairs(str(tiny_benchmark / "gta5"))
+    reads = []
+
+    def reader(path):
+        reads.append(path)
+        return gta5.read_train_ids(path)
+
+    batches = {}
+    for cache in (False, True):
+        reads.clear()
+        ds = pipeline.source_dataset(pairs, reader, (32, 16), batch_size=2, seed=3, skip_batches=1, cache=cache)
+        batches[cache] = [(i.numpy(), l.numpy()) for i, l in ds.take(8)]  # 8 batches of 2: over two epochs of 6
+    assert sorted(reads) == sorted(label for _, label in pairs)  # the cached run read each label once
+    for (image, label), (cached_image, cached_label) in zip(batches[False], batches[True]):
+        np.testing.assert_array_equal(image, cached_image)
+        np.testing.assert_array_equal(label, cached_label)

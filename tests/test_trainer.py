@@ -126,3 +126,16 @@ def test_checkpoint_round_trip_resumes_at_the_same_step_and_weights(tmp_path):
     resumed.fit(batches(seed=5), epochs=1, steps_per_epoch=1, verbose=0)
     for a, b in zip(trainer.network.trainable_weights, resumed.network.trainable_weights):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
+
+
+def test_minent_without_entropy_weight_trains_the_source_only():
+    keras.utils.set_random_seed(0)
+    trainer = PITTrainer(build_network("tiny", 4, num_units=0), 4, method="minent", lambda_ent=0.0)
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01))
+    rng = np.random.default_rng(0)
+    batch = {"source_image": rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32),
+             "source_label": rng.integers(0, 4, (2, 32, 32)).astype(np.uint8),
+             "target_image": rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32),
+             "target_image_labels": np.zeros((2, 4), np.float32)}
+    logs = trainer.fit(tf.data.Dataset.from_tensors(batch).repeat(), epochs=1, steps_per_epoch=1, verbose=0).history
+    assert set(logs) == {"loss", "seg_src"} and np.isfinite(logs["loss"][-1])

@@ -18,7 +18,9 @@ training steps (one batch of real benchmark images, held in memory and fed again
 modifiers: `xla` (compile(jit_compile=True)), `bf16` / `fp16` (the mixed_bfloat16 / mixed_float16 policies),
 `joint` (pit only: one backbone call on the concatenated source+target batch, see
 `make_joint_forward_trainer`), `spe<N>` (Keras steps_per_execution=N), `pipeline` (fed by the real tf.data
-pipeline instead of from memory), `cached` (that pipeline with its in-memory cache of decoded files).
+pipeline instead of from memory), `cached` (that pipeline with its in-memory cache of decoded files,
+`--cache_images`), `asppconv` (ASPP heads computed as four dilated convolutions, `--aspp_implementation=conv`,
+instead of the default matrix product; changes only backbones with ASPP heads).
 
 A training case times `--repeats` calls of the trainer's compiled train function after `--warmup` untimed ones
 and reports the median step time; the first call (tracing, compilation and one step) is reported apart, as
@@ -77,7 +79,7 @@ OTHER_BASES = {
     "inference": "exported fine branch of a PIT network against a plain segmenter",
 }
 POLICIES = {"bf16": "mixed_bfloat16", "fp16": "mixed_float16"}
-FLAG_MODIFIERS = ("xla", "joint", "pipeline", "cached")
+FLAG_MODIFIERS = ("xla", "joint", "pipeline", "cached", "asppconv")
 
 DEFAULT_CASES = (
     "source_only", "reference", "reference_bwd", "minent", "pit", "pit_no_lc", "pit_no_lr", "pit_input",
@@ -106,7 +108,7 @@ def parse_case(name):
             case["steps_per_execution"] = int(spe.group(1))
         else:
             raise ValueError(f"case {name!r}: unknown modifier {modifier!r} (xla, bf16, fp16, joint, pipeline, "
-                             "cached, spe<N>).")
+                             "cached, asppconv, spe<N>).")
     if base == "pipeline" and (modifiers and modifiers != ["cached"]):
         raise ValueError(f"case {name!r}: the pipeline case takes only the cached modifier.")
     if base in ("inference", "ablation") and modifiers:
@@ -247,16 +249,9 @@ def training_data(args, config, case, domains):
     import tensorflow as tf
 
     from pit_keras import training
-    from pit_keras.data import pipeline
 
     if case["pipeline"]:
-        if not case["cached"]:
-            return training.build_dataset(config, domains, args.batch_size)
-        pairs, reader = domains["source"]
-        paths, labels = domains["target"]
-        return pipeline.training_dataset(
-            pipeline.source_dataset(pairs, reader, config["source_size"], args.batch_size, seed=0, cache=True),
-            pipeline.target_dataset(paths, labels, config["target_size"], args.batch_size, seed=0, cache=True))
+        return training.build_dataset({**config, "cache_images": case["cached"]}, domains, args.batch_size)
     batch = next(iter(training.build_dataset(config, domains, args.batch_size)))
     return tf.data.Dataset.from_tensors(batch).repeat()
 
@@ -277,7 +272,8 @@ class TrainingSteps:
         keras.mixed_precision.set_global_policy(case["policy"])
         keras.utils.set_random_seed(0)
         self.network = build_network(args.backbone, config["num_classes"],
-                                     num_units=len(config["lse_r"]) if units is None else units)
+                                     num_units=len(config["lse_r"]) if units is None else units,
+                                     aspp_implementation="conv" if case["asppconv"] else "matmul")
         if method.startswith("reference"):
             trainer = make_reference_trainer(self.network, config, backward=method == "reference_bwd")
         elif case["joint"]:
@@ -344,8 +340,6 @@ def run_ablation_case(args, case):
 
 
 def run_pipeline_case(args, case):
-    from pit_keras import training
-
     config = base_config(args, "pit")
     data = training_data(args, config, {"pipeline": True, "cached": case["cached"]}, pit_domains(args))
     iterator = iter(data)
@@ -428,7 +422,7 @@ def run_case(args, name):
     else:
         result = run_inference_case(args, case)
     return {"case": name, **{k: case[k] for k in ("base", "policy", "xla", "joint", "pipeline", "cached",
-                                                   "steps_per_execution")}, **result,
+                                                   "asppconv", "steps_per_execution")}, **result,
             "other_training_processes": [running, len(other_training_processes())],
             "other_cpu_cores": other_cpu_cores(before, safe(cpu_counters)), "load_average_end": os.getloadavg()[0]}
 
@@ -589,13 +583,15 @@ def report(data):
             continue
         what = TRAIN_BASES[r["base"]][3]
         extras = [x for x, on in (("joint forward", r["joint"]), ("pipeline-fed", r["pipeline"]),
-                                  ("cached", r["cached"])) if on]
+                                  ("cached", r["cached"]),
+                                  ("ASPP as dilated convolutions", r.get("asppconv", False))) if on]
         if r["steps_per_execution"] > 1:
             extras.append(f"steps_per_execution={r['steps_per_execution']}")
         if extras:
             what += f" ({', '.join(extras)})"
         suffix = "".join(s for s, on in (("+bf16", r["policy"] == "mixed_bfloat16"),
-                                         ("+fp16", r["policy"] == "mixed_float16"), ("+xla", r["xla"])) if on)
+                                         ("+fp16", r["policy"] == "mixed_float16"), ("+xla", r["xla"]),
+                                         ("+asppconv", r.get("asppconv", False))) if on)
         reference = cases.get(f"reference{suffix}", {}).get("step_ms")
         lines.append(f"| {r['case']} | {what} | {r['policy']} | {'on' if r['xla'] else 'off'} | "
                      f"{r['step_ms']:.1f} | {fmt(r.get('cpu_ms'))} | {r['images_per_s']:.1f} | "

@@ -23,7 +23,9 @@ class ResizeLike(keras.layers.Layer):
     def call(self, inputs):
         x, reference = inputs
         size = tf.shape(reference)[1:3]
-        resized = tf.image.resize(x, size, method=self.interpolation)
+        # Resized in float32 whatever the policy: tf.image.resize returns float32 for bfloat16/float16 input,
+        # and XLA refuses the mixed types that leaves in the gradient (tensorflow/tensorflow#81273).
+        resized = tf.image.resize(tf.cast(x, tf.float32), size, method=self.interpolation)
         return tf.cast(resized, x.dtype)
 
     def compute_output_shape(self, input_shapes):

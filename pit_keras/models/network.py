@@ -18,7 +18,7 @@ from pit_keras.models import backbones, heads, layers
 RECONSTRUCTION_LAYER = "reconstruction"
 
 
-def build_network(backbone, num_classes, num_units=3, backbone_weights="none"):
+def build_network(backbone, num_classes, num_units=3, backbone_weights="none", aspp_implementation="matmul"):
     """Builds the PIT network.
 
     Args:
@@ -26,6 +26,7 @@ def build_network(backbone, num_classes, num_units=3, backbone_weights="none"):
         num_classes: C.
         num_units: K, one coarse unit per `--lse_r` value; 0 builds a plain segmenter.
         backbone_weights: imagenet | none | a local weights file.
+        aspp_implementation: how ASPP heads compute (`heads.ASPPClassifier`); the same weights either way.
 
     Returns:
         A `keras.Model` from `"image"` (`[B, H, W, 3]` RGB, float in [0, 255]) to the dict of outputs above.
@@ -33,8 +34,9 @@ def build_network(backbone, num_classes, num_units=3, backbone_weights="none"):
     # === Layers ===
     feature_extractor = backbones.build_backbone(backbone, backbone_weights)
     head_kind = backbones.BACKBONES[backbone].head
-    fine_head = heads.build_head(head_kind, num_classes, "fine_head")
-    coarse_heads = [heads.build_head(head_kind, num_classes, f"coarse_head_{k}") for k in range(num_units)]
+    fine_head = heads.build_head(head_kind, num_classes, "fine_head", aspp_implementation)
+    coarse_heads = [heads.build_head(head_kind, num_classes, f"coarse_head_{k}", aspp_implementation)
+                    for k in range(num_units)]
 
     # === Functional Model ===
     image = keras.Input((None, None, 3), name="image")
