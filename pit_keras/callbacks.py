@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pit_keras import visualize
+from pit_keras import atomic, visualize
 from pit_keras.errors import Diverged, Interrupted, UserError
 from pit_keras.models.network import interaction_weights
 
@@ -161,10 +161,8 @@ class Validation(keras.callbacks.Callback):
         if result["miou"] > self.best:
             self.best = result["miou"]
             path = self.best_manager.save(checkpoint_number=step)
-            tmp = f"{self.best_file}.tmp"
-            with open(tmp, "w") as f:
-                json.dump({"step": step, "miou": result["miou"], "checkpoint": os.path.basename(path)}, f)
-            os.replace(tmp, self.best_file)
+            atomic.write_text_atomic(self.best_file, json.dumps(
+                {"step": step, "miou": result["miou"], "checkpoint": os.path.basename(path)}))
 
 
 class TensorBoardLogger(keras.callbacks.Callback):

@@ -6,20 +6,12 @@ import os
 
 import tensorflow as tf
 
+from pit_keras.atomic import write_json_atomic  # also imported from here by other modules and tests
 from pit_keras.errors import UserError
 
 RUN_FILE = "run.json"
 # Settings that change the network's variables: a run folder cannot be resumed or evaluated with others.
 ARCHITECTURE_KEYS = ("backbone", "num_classes", "lse_r")
-
-
-def write_json_atomic(path, payload):
-    """Writes JSON to a temporary name in the same folder, then renames it into place."""
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, sort_keys=True)
-        f.write("\n")
-    os.replace(tmp, path)
 
 
 def read_run_config(model_dir):

@@ -14,11 +14,11 @@ import json
 import math
 import os
 import pathlib
-import secrets
 
 import numpy as np
 from PIL import Image, ImageDraw, ImageFont
 
+from pit_keras import atomic
 from pit_keras.data import classes
 
 # Column headers of the paper's Tables 1 and 2, keyed by full class name.
@@ -257,19 +257,16 @@ def _write_atomic(path, data):
     """
     path = pathlib.Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
-    # The temporary file sits in the same folder because os.replace is atomic only within one file system;
-    # os.open with 0o666 lets the umask set the final permissions (tempfile would force 0o600).
-    tmp = path.parent / f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp"
-    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
-    try:
+
+    def write(tmp):
+        # os.open with 0o666 lets the umask set the final permissions (tempfile would force 0o600).
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
+
+    atomic.atomic_write(path, write)
 
 
 def write_json(result, path):

@@ -23,7 +23,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pit_keras import checkpoints
+from pit_keras import atomic, checkpoints
 from pit_keras.data import cityscapes, datasets, pipeline, soft_labels
 from pit_keras.errors import UserError
 from pit_keras.models.network import build_network, fine_segmenter
@@ -155,9 +155,10 @@ def cached_features(extractor, image_paths, image_size, cache_dir, progress=True
             pass  # unreadable or foreign: recompute and overwrite
     features = compute_features(extractor, image_paths, image_size, progress=progress)
     os.makedirs(cache_dir, exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.npz"
-    np.savez(tmp, features=features, paths=np.asarray([str(p) for p in image_paths]), key=np.asarray(key))
-    os.replace(tmp, path)
+    stored_paths = np.asarray([str(p) for p in image_paths])
+    # The suffix: np.savez would add .npz to a name without it.
+    atomic.atomic_write(path, lambda tmp: np.savez(tmp, features=features, paths=stored_paths, key=np.asarray(key)),
+                        suffix=".npz")
     return features, path, False
 
 

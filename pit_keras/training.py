@@ -14,7 +14,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pit_keras import callbacks, checkpoints, distribute, evaluation, metrics
+from pit_keras import atomic, callbacks, checkpoints, distribute, evaluation, metrics
 from pit_keras.data import classes, datasets, integrity, pipeline, soft_labels
 from pit_keras.data.cityscapes import relative_key
 from pit_keras.errors import UserError
@@ -208,10 +208,7 @@ def evaluate_run(config, network, model_dir, class_set, split="val"):
 def write_skipped(model_dir, skipped):
     """Lists every file the run skips, one `path: reason` a line, in MODEL_DIR/skipped_files.txt."""
     path = os.path.join(model_dir, "skipped_files.txt")
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.writelines(f"{p}: {reason}\n" for p, reason in skipped)
-    os.replace(tmp, path)
+    atomic.write_text_atomic(path, "".join(f"{p}: {reason}\n" for p, reason in skipped))
     print(f"the {len(skipped)} skipped files are listed in {path}")
 
 

@@ -144,3 +144,21 @@ def test_cached_pipeline_gives_the_same_batches_and_reads_each_file_once(tiny_be
     for (image, label), (cached_image, cached_label) in zip(batches[False], batches[True]):
         np.testing.assert_array_equal(image, cached_image)
         np.testing.assert_array_equal(label, cached_label)
+
+
+def test_cache_images_feeds_a_run_the_same_source_and_target_batches(tiny_benchmark):
+    from pit_keras import training
+
+    pairs = gta5.list_pairs(str(tiny_benchmark / "gta5"))
+    target_paths = [image for image, _ in pairs[::-1]]  # any images serve as the target here
+    labels = np.eye(3, 19, dtype=np.float32)[np.arange(len(target_paths)) % 3]
+    domains = {"source": (pairs, gta5.read_train_ids), "target": (target_paths, labels)}
+    config = {"source_size": [32, 16], "target_size": [24, 16], "seed": 5}
+    batches = []
+    for cache in (False, True):
+        ds = training.build_dataset({**config, "cache_images": cache}, domains, batch_size=2, skip_batches=2)
+        batches.append([{k: v.numpy() for k, v in b.items()} for b in ds.take(5)])
+    for plain, cached in zip(*batches):
+        assert set(plain) == set(cached) and "target_image_labels" in plain
+        for key in plain:
+            np.testing.assert_array_equal(plain[key], cached[key])

@@ -37,8 +37,10 @@ def parse(module, files):
 
 def test_train_flagfiles_parse_with_the_papers_settings():
     configs = parse("train", TRAIN_FILES)
-    assert configs.pop("flags/demo.cfg")["backbone"] == "tiny"
+    demo = configs.pop("flags/demo.cfg")
+    assert demo["backbone"] == "tiny" and demo["cache_images"]
     for path, config in configs.items():
+        assert not config["cache_images"], path  # GTAV decoded would not fit in memory
         assert (config["learning_rate"], config["momentum"], config["poly_power"]) == (2.5e-5, 0.9, 0.9), path
         assert (config["num_steps"], config["batch_size"]) == (200000, 4), path
         assert config["target_size"] == [1024, 512] and config["backbone_weights"] == "imagenet", path

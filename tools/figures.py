@@ -22,6 +22,7 @@ import numpy as np
 from absl import flags
 from PIL import Image, ImageDraw, ImageFont
 
+from pit_keras import atomic
 from pit_keras.errors import UserError, run_main
 
 FLAGS = flags.FLAGS
@@ -142,12 +143,14 @@ def save_png(picture, path, max_kb=None):
     """Writes an RGB PNG; one larger than `max_kb` is written with a 256-colour adaptive palette instead (the
     noisy target images are what makes it large; labels and heat maps keep their look)."""
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}.png"
-    picture.save(tmp, optimize=True)
-    if max_kb and os.path.getsize(tmp) > max_kb * 1024:
-        picture.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(tmp, optimize=True)
-        print(f"{path}: over {max_kb} KB as RGB, written with a 256-colour palette")
-    os.replace(tmp, path)
+
+    def write(tmp):
+        picture.save(tmp, optimize=True)
+        if max_kb and os.path.getsize(tmp) > max_kb * 1024:
+            picture.quantize(256, method=Image.Quantize.MEDIANCUT, dither=Image.Dither.NONE).save(tmp, optimize=True)
+            print(f"{path}: over {max_kb} KB as RGB, written with a 256-colour palette")
+
+    atomic.atomic_write(path, write, suffix=".png")  # PIL picks the format from the extension
     print(f"wrote {path} ({os.path.getsize(path) // 1024} KB)")
 
 

@@ -34,6 +34,7 @@ import time
 import numpy as np
 from absl import flags
 
+from pit_keras import atomic
 from pit_keras.errors import UserError, run_main
 from pit_keras.flags import DEFAULT_BENCHMARK_ROOT
 
@@ -188,20 +189,13 @@ def read_record(folder):
 
 
 def write_json_atomic(path, payload):
-    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(payload, f, indent=2, allow_nan=False)
-        f.write("\n")
-    os.replace(tmp, path)
+    """JSON in insertion order (unlike checkpoints.write_json_atomic's sorted keys); NaN is refused."""
+    write_text_atomic(path, json.dumps(payload, indent=2, allow_nan=False) + "\n")
 
 
 def write_text_atomic(path, text):
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        f.write(text)
-    os.replace(tmp, path)
+    atomic.write_text_atomic(path, text)
 
 
 def check_record(folder, args):

@@ -9,6 +9,7 @@ import os
 
 import numpy as np
 
+from pit_keras import atomic
 from pit_keras.errors import UserError
 
 
@@ -53,7 +54,4 @@ def load_json(path, keys, num_classes):
 def write_json(path, keys, labels):
     """Writes `{key: [C floats]}` atomically (temporary file, then rename)."""
     table = {key: [float(v) for v in row] for key, row in zip(keys, labels)}
-    tmp = f"{path}.tmp-{os.getpid()}"
-    with open(tmp, "w") as f:
-        json.dump(table, f, indent=1, sort_keys=True)
-    os.replace(tmp, path)
+    atomic.write_text_atomic(path, json.dumps(table, indent=1, sort_keys=True))

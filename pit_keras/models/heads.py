@@ -81,9 +81,11 @@ class ASPPClassifier(keras.layers.Layer):
         height, width = shape[1], shape[2]
         pad = max(self.rates)
         logits = tf.pad(logits, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-        total = tf.add_n([
-            tf.slice(logits, [0, pad + dy, pad + dx, t * classes], tf.stack([-1, height, width, classes]))
-            for t, (dy, dx) in enumerate(offsets)])
+        # Split by tap before the spatial slices: the gradient of a slice is its input's size, which for a
+        # slice of the C channels of one tap out of all taps' channels would be 33 times too large.
+        size = tf.stack([-1, height, width, classes])
+        total = tf.add_n([tf.slice(tap, [0, pad + dy, pad + dx, 0], size)
+                          for tap, (dy, dx) in zip(tf.split(logits, len(offsets), axis=-1), offsets)])
         total += tf.cast(tf.add_n([b.bias for b in self.branches]), total.dtype)
         return tf.cast(total, dtype)
 
