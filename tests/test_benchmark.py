@@ -82,6 +82,7 @@ def test_case_names_parse_and_bad_ones_are_refused():
     case = benchmark_train.parse_case("pit+bf16+xla+spe5+joint")
     assert (case["policy"], case["xla"], case["steps_per_execution"], case["joint"]) == ("mixed_bfloat16", True, 5,
                                                                                            True)
+    assert benchmark_train.parse_case("pit+asppconv")["asppconv"] and not case["asppconv"]
     for bad in ("pit+turbo", "nope", "pit+cached", "pipeline+xla", "reference+joint"):
         with pytest.raises(ValueError, match="case"):
             benchmark_train.parse_case(bad)
