@@ -1,4 +1,6 @@
-"""Atomic file writes: readers see the old file or the new one, never a partial one.
+"""Atomic file writes: readers see the old file or the new one, never a partial one, whatever happens to the
+writing process (a crash, a kill, a full disk). Only `metrics` also fsyncs, so that a power loss cannot leave an
+empty file behind either; the others are small files rewritten often, where that cost buys little.
 
 The new content goes to a temporary file in the destination's folder (os.replace is atomic only within one
 file system), which is then renamed over the destination. Should writing fail (a full disk, an error while
@@ -11,6 +13,7 @@ loading TensorFlow.
 import contextlib
 import json
 import os
+import secrets
 
 
 def atomic_write(path, write, suffix=""):
@@ -30,7 +33,9 @@ def atomic_write(path, write, suffix=""):
         the temporary file.
     """
     path = os.fspath(path)
-    tmp = f"{path}.tmp-{os.getpid()}{suffix}"
+    # Unique per call (process id and a random token): a stale file left by a killed process, or another
+    # thread writing the same path, never shares the name.
+    tmp = f"{path}.tmp-{os.getpid()}-{secrets.token_hex(4)}{suffix}"
     try:
         write(tmp)
         os.replace(tmp, path)

@@ -225,7 +225,10 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
         raise UserError(f"--formats={','.join(formats)}: choose from {', '.join(FORMATS)}.")
     output_dir = os.path.abspath(output_dir)
     check_output_dir(output_dir, overwrite)
-    segmenter, config, checkpoint = inference.load_segmenter(model_dir)
+    # The exported graph holds ASPP heads as their four dilated convolutions (builtin CONV_2D, quantized per output
+    # channel, run whole by int8 accelerators and delegates), not as the training's matrix product, whose 33 taps
+    # would share one int8 scale and leave float ops between int8 ones (label agreement 97.9% against 98.8%).
+    segmenter, config, checkpoint = inference.load_segmenter(model_dir, aspp_implementation="conv")
     tflite_size = tuple(tflite_size or config["target_size"])
     parent, name = os.path.split(output_dir)
     os.makedirs(parent, exist_ok=True)

@@ -28,6 +28,9 @@ def parse_config():
         raise UserError(f"--output={FLAGS.output} is a folder; name the JSON file to write.")
     if FLAGS.epochs < 0:
         raise UserError(f"--epochs={FLAGS.epochs}: must be zero or more.")
+    if FLAGS.features == "predictions" and FLAGS.feature_alignment != "none":
+        raise UserError(f"--feature_alignment={FLAGS.feature_alignment} does not apply to --features=predictions "
+                        "(no regressor is trained).")
     if FLAGS.features in ("backbone", "predictions"):
         if not FLAGS.model_dir:
             raise UserError(f"--features={FLAGS.features} needs --model_dir (a training run folder).")
@@ -43,6 +46,7 @@ def parse_config():
         "features": FLAGS.features, "features_weights": weights,
         "image_size": pit_flags.parse_size("image_size", FLAGS.image_size), "epochs": FLAGS.epochs,
         "model_dir": FLAGS.model_dir, "cache_dir": os.path.expanduser(FLAGS.cache_dir), "seed": FLAGS.seed,
+        "feature_alignment": FLAGS.feature_alignment,
     }
 
 

@@ -77,11 +77,12 @@ def checkpoint_step(checkpoint_path):
     return int(match.group(1)) if match else None
 
 
-def load_segmenter(model_dir):
+def load_segmenter(model_dir, aspp_implementation="matmul"):
     """The fine segmenter of a training run at its newest checkpoint.
 
     Args:
         model_dir: a training run folder (`run.json` and `checkpoints/`).
+        aspp_implementation: how ASPP heads compute (`heads.ASPPClassifier`; the same function and weights).
 
     Returns:
         `(segmenter, config, checkpoint path)`; the segmenter maps float RGB `[B, H, W, 3]` in [0, 255] to
@@ -92,7 +93,8 @@ def load_segmenter(model_dir):
 
     config = checkpoints.read_run_config(model_dir)
     units = len(config["lse_r"]) if config["method"] == "pit" else 0
-    network = build_network(config["backbone"], config["num_classes"], num_units=units)
+    network = build_network(config["backbone"], config["num_classes"], num_units=units,
+                            aspp_implementation=aspp_implementation)
     checkpoint = checkpoints.restore_network(network, model_dir)
     return fine_segmenter(network), config, checkpoint
 

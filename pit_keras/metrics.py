@@ -260,7 +260,7 @@ def _write_atomic(path, data):
 
     def write(tmp):
         # os.open with 0o666 lets the umask set the final permissions (tempfile would force 0o600).
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o666)
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)
         with os.fdopen(fd, "wb") as f:
             f.write(data)
             f.flush()

@@ -265,10 +265,35 @@ def predicted_shares(model_dir, image_paths, num_classes, batch_size=FEATURE_BAT
     return np.concatenate(rows).astype(np.float32)
 
 
+FEATURE_ALIGNMENTS = ("none", "standardize")
+
+
+def align_features(source, target, alignment):
+    """Aligns the two domains' `[N, D]` features before the regressor sees them.
+
+    "none" leaves them; "standardize" gives each domain's features zero mean and unit variance per dimension,
+    each with its own statistics (the target's from the target images, no labels), so that a shift or scaling
+    of the features between the domains does not move the regressor's input (as AdaBN does for BatchNorm).
+    Constant dimensions stay zero.
+    """
+    if alignment == "none":
+        return source, target
+    if alignment != "standardize":
+        raise ValueError(f"feature alignment {alignment!r} is not one of {', '.join(FEATURE_ALIGNMENTS)}.")
+
+    def standardize(x):
+        x = np.asarray(x, np.float64)
+        std = x.std(axis=0)
+        return ((x - x.mean(axis=0)) / np.where(std > 0, std, 1.0)).astype(np.float32)
+
+    return standardize(source), standardize(target)
+
+
 def estimate_target_labels(source, source_root, target, target_root, num_classes, features=DEFAULT_FEATURES,
                            features_weights="imagenet", image_size=(512, 256), epochs=100, model_dir=None,
-                           cache_dir=None, seed=0, progress=True):
+                           cache_dir=None, seed=0, progress=True, feature_alignment="none"):
     """The whole estimate: features of source and target training images, the regressor, its target output.
+    `feature_alignment` is applied to the features first (`align_features`).
 
     Returns:
         A dict: `keys` (target image paths relative to the target root, the JSON keys), `labels` (`[N, C]`),
@@ -292,8 +317,9 @@ def estimate_target_labels(source, source_root, target, target_root, num_classes
                                                        progress=progress)
             if progress:
                 print(f"  {'cached' if hit else 'computed and cached'} features: {path}")
-        model = train_regressor(found["source"], shares, epochs, seed=seed)
-        labels = np.asarray(model.predict(found["target"], batch_size=256, verbose=0), np.float32)
+        source_features, target_features = align_features(found["source"], found["target"], feature_alignment)
+        model = train_regressor(source_features, shares, epochs, seed=seed)
+        labels = np.asarray(model.predict(target_features, batch_size=256, verbose=0), np.float32)
         labels /= labels.sum(axis=1, keepdims=True)
 
     labelled = [k for k, (_, label) in enumerate(target_pairs) if label is not None]

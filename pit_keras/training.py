@@ -83,6 +83,45 @@ def load_domains(config, trainer):
     return domains
 
 
+def available_memory():
+    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where it cannot be read."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        return None
+    return None
+
+
+def cache_footprint(domains, sample=32):
+    """Estimated bytes `--cache_images` keeps: decoded source images with their labels (4 bytes a pixel) and
+    target images (3), from the header sizes of up to `sample` files of each domain."""
+    total = 0.0
+    parts = [([image for image, _ in domains["source"][0]], 4)]
+    if domains["target"] is not None:
+        parts.append((domains["target"][0], 3))
+    for paths, bytes_per_pixel in parts:
+        if not paths:
+            continue
+        step = max(len(paths) // sample, 1)
+        sizes = [integrity.image_size(path) for path in paths[::step][:sample]]
+        total += len(paths) * bytes_per_pixel * float(np.mean([w * h for w, h in sizes]))
+    return total
+
+
+def check_cache_fits(domains, available=None):
+    """Refuses `--cache_images` when the decoded images would not fit in memory, before any is decoded (else
+    the run would decode for a long time and then be killed without a word); prints the estimate otherwise."""
+    needed = cache_footprint(domains)
+    available = available_memory() if available is None else available
+    if available is not None and needed > 0.8 * available:
+        raise UserError(f"--cache_images: the decoded training images need about {needed / 1e9:.1f} GB, more than "
+                        f"the {available / 1e9:.1f} GB of memory available; train without --cache_images.")
+    print(f"--cache_images: about {needed / 1e6:.0f} MB of decoded training images will be kept in memory")
+
+
 def build_dataset(config, domains, batch_size, shard=None, skip_batches=0):
     """The zipped training dataset: batches of `batch_size` per domain, from one shard of the files, starting
     after `skip_batches` batches (a resumed run continues the data order of an uninterrupted one); with
@@ -139,6 +178,8 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
         trainer.optimizer.build(network.trainable_variables)
     distribute.per_replica_batch(config["batch_size"], strategy)
     domains = load_domains(config, trainer)
+    if config.get("cache_images"):
+        check_cache_fits(domains)
 
     resumed = checkpoints.restore_latest(trainer.network, trainer.optimizer, model_dir)
     step = int(trainer.optimizer.iterations.numpy())
@@ -160,7 +201,8 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
                 validation = eval_every and validation_callback(config, network, model_dir, class_set, eval_every)
                 if validation:
                     run_callbacks.append(validation)
-                sample = next(iter(build_dataset(config, domains, 2)))
+                # Without the cache: filling it would decode every file for one batch of pictures.
+                sample = next(iter(build_dataset({**config, "cache_images": False}, domains, 2)))
                 run_callbacks.append(callbacks.TensorBoardLogger(os.path.join(model_dir, "logs"), sample, class_set,
                                                                  image_every))
             fit_args = dict(epochs=math.ceil(config["num_steps"] / log_every), initial_epoch=step // log_every,

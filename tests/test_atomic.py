@@ -7,6 +7,7 @@ import importlib.util
 import io
 import json
 import os
+import re
 import stat
 
 import numpy as np
@@ -54,7 +55,7 @@ def test_writes_the_whole_file_through_a_temporary_name_in_the_same_folder(tmp_p
 
     atomic.atomic_write(path, write)
     assert path.read_bytes() == b"complete"
-    assert seen == [f"{path}.tmp-{os.getpid()}"]
+    assert len(seen) == 1 and re.fullmatch(rf"{re.escape(str(path))}\.tmp-{os.getpid()}-[0-9a-f]{{8}}", seen[0])
     assert names(tmp_path) == ["out.bin"]
 
 
@@ -139,7 +140,7 @@ def test_the_suffix_lets_pil_pick_the_format(tmp_path):
         Image.new("RGB", (4, 3), (1, 2, 3)).save(tmp)
 
     atomic.atomic_write(path, write, suffix=".png")
-    assert seen == [f"{path}.tmp-{os.getpid()}.png"]
+    assert len(seen) == 1 and re.fullmatch(rf"{re.escape(str(path))}\.tmp-{os.getpid()}-[0-9a-f]{{8}}\.png", seen[0])
     assert names(tmp_path) == ["picture.png"]
     with Image.open(path) as image:
         assert image.format == "PNG" and image.size == (4, 3)

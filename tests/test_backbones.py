@@ -5,6 +5,7 @@ compute what the stock networks compute; the ASPP classifier, the Caffe preproce
 Each big model is built once per module, on 56-72 px inputs."""
 
 import dataclasses
+import json
 import os
 import subprocess
 import sys
@@ -183,21 +184,50 @@ def test_aspp_matmul_implementation_computes_the_convolutions_and_their_gradient
     assert names[0] == names[1] == [f"rate_{r}/{w}" for r in (6, 12, 18, 24) for w in ("kernel", "bias")]
 
 
-def test_aspp_matmul_implementation_converts_to_builtin_tflite_ops():
+def tflite_ops(flatbuffer):
     from ai_edge_litert.interpreter import Interpreter
 
+    interpreter = Interpreter(model_content=flatbuffer)
+    interpreter.allocate_tensors()
+    return interpreter, [op["op_name"] for op in interpreter._get_ops_details()]
+
+
+def test_aspp_matmul_implementation_converts_to_builtin_tflite_ops():
     from pit_keras import exporting
 
     image = keras.Input((None, None, 3))
     model = keras.Model(image, heads.ASPPClassifier(3)(keras.layers.Conv2D(4, 3, strides=4)(image)))
-    flatbuffer = exporting.convert_tflite(model, (40, 24), "float32")
-    interpreter = Interpreter(model_content=flatbuffer)
-    interpreter.allocate_tensors()
-    pixels = np.random.default_rng(0).integers(0, 256, (1, 24, 40, 3), dtype=np.uint8)
-    runner = interpreter.get_signature_runner()
-    got = runner(images=pixels)["labels"]
-    expected = np.argmax(model(pixels.astype(np.float32)).numpy(), axis=-1)
-    np.testing.assert_array_equal(got, expected)
+    # 160x256 input, 40x64 features: every rate's taps reach inside the map, vertically and horizontally.
+    interpreter, ops = tflite_ops(exporting.convert_tflite(model, (256, 160), "float32"))
+    assert "FULLY_CONNECTED" in ops or "BATCH_MATMUL" in ops
+    pixels = np.random.default_rng(0).integers(0, 256, (1, 160, 256, 3), dtype=np.uint8)
+    got = interpreter.get_signature_runner()(images=pixels)["probabilities"]
+    expected = tf.nn.softmax(model(pixels.astype(np.float32))).numpy()
+    np.testing.assert_allclose(got, expected, atol=1e-4)
+
+
+def test_export_holds_aspp_heads_as_dilated_convolutions(monkeypatch, tmp_path):
+    # The matrix-product form would quantize its 33 taps with one int8 scale, with float ops between int8 ones.
+    from pit_keras import exporting, inference
+
+    monkeypatch.setitem(backbones.BACKBONES, "tiny_aspp",
+                        dataclasses.replace(backbones.BACKBONES["tiny"], name="tiny_aspp", head="aspp"))
+    run = tmp_path / "run"
+    network = build_network("tiny_aspp", num_classes=3, num_units=0)
+    tf.train.Checkpoint(network=network).save(str(run / "checkpoints" / "ckpt"))
+    (run / "run.json").write_text(json.dumps({"backbone": "tiny_aspp", "num_classes": 3, "method": "source_only",
+                                              "lse_r": [1.0], "target_size": [64, 32],
+                                              "class_set": "cityscapes19"}))
+    segmenter, _, _ = inference.load_segmenter(str(run), aspp_implementation="conv")
+    assert segmenter.get_layer("fine_head").implementation == "conv"
+    seen = {}
+    real = inference.load_segmenter
+    monkeypatch.setattr(inference, "load_segmenter",
+                        lambda model_dir, **kwargs: seen.update(kwargs) or real(model_dir, **kwargs))
+    exporting.export(str(run), str(tmp_path / "export"), formats=["float32"], log=lambda *_: None)
+    assert seen == {"aspp_implementation": "conv"}
+    _, ops = tflite_ops((tmp_path / "export" / exporting.tflite_filename("float32")).read_bytes())
+    assert "CONV_2D" in ops and not {"FULLY_CONNECTED", "BATCH_MATMUL", "SPLIT"} & set(ops)
 
 
 def test_aspp_heads_are_used_when_the_backbone_asks_and_survive_safe_mode(monkeypatch, tmp_path):
@@ -209,6 +239,12 @@ def test_aspp_heads_are_used_when_the_backbone_asks_and_survive_safe_mode(monkey
     for name in ("fine_head", "coarse_head_0", "coarse_head_1"):
         assert isinstance(network.get_layer(name), heads.ASPPClassifier)
     assert network(tf.zeros((1, 32, 40, 3)))["cam_1"].shape == (1, 32, 40, 3)
+
+    for implementation in ("conv", "matmul"):
+        config = heads.ASPPClassifier(3, implementation=implementation).get_config()
+        assert heads.ASPPClassifier.from_config(config).implementation == implementation
+    del config["implementation"]  # a configuration saved before the option existed
+    assert heads.ASPPClassifier.from_config(config).implementation == "matmul"
 
     image = keras.Input((None, None, 3))
     model = keras.Model(image, heads.ASPPClassifier(3)(backbones.CaffePreprocess()(image)))

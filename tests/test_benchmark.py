@@ -83,6 +83,15 @@ def test_case_names_parse_and_bad_ones_are_refused():
     assert (case["policy"], case["xla"], case["steps_per_execution"], case["joint"]) == ("mixed_bfloat16", True, 5,
                                                                                            True)
     assert benchmark_train.parse_case("pit+asppconv")["asppconv"] and not case["asppconv"]
+    with pytest.raises(SystemExit):  # argparse's error: asppconv on a backbone without ASPP heads
+        benchmark_train.parse_args(["--backbone=tiny", "--cases=pit+asppconv"])
+    assert benchmark_train.parse_args(["--backbone=deeplabv2_resnet101", "--cases=pit+asppconv"]).cases
+
+
+def test_backbone_heads_table_matches_the_registry():
+    from pit_keras.models import backbones
+
+    assert benchmark_train.BACKBONE_HEADS == {name: spec.head for name, spec in backbones.BACKBONES.items()}
     for bad in ("pit+turbo", "nope", "pit+cached", "pipeline+xla", "reference+joint"):
         with pytest.raises(ValueError, match="case"):
             benchmark_train.parse_case(bad)
@@ -104,3 +113,15 @@ def test_joint_forward_variant_computes_the_same_terms_without_batch_statistics(
     assert set(joint) == set(separate) == {"seg_src", "img_src", "img_trg", "rec_src", "rec_trg"}
     for name in separate:
         np.testing.assert_allclose(joint[name].numpy(), separate[name].numpy(), rtol=1e-4, atol=1e-6)
+
+
+def test_aspp_benchmark_runs_both_implementations_in_their_own_processes(tmp_path):
+    benchmark_aspp = load_tool("benchmark_aspp")
+    output = tmp_path / "aspp.json"
+    assert benchmark_aspp.main(["--channels=8", "--classes=3", "--repeats=1", f"--output={output}"]) == 0
+    data = json.loads(output.read_text())
+    assert [(r["setting"], r["implementation"]) for r in data["results"]] == [
+        (s, i) for s in benchmark_aspp.SETTINGS for i in ("conv", "matmul")]
+    assert all(r["step_s"] > 0 and r["peak_rss_mb"] > 10 for r in data["results"])
+    with pytest.raises(SystemExit):
+        benchmark_aspp.parse_args(["--settings=huge"])

@@ -139,8 +139,9 @@ def test_cached_pipeline_gives_the_same_batches_and_reads_each_file_once(tiny_be
     for cache in (False, True):
         reads.clear()
         ds = pipeline.source_dataset(pairs, reader, (32, 16), batch_size=2, seed=3, skip_batches=1, cache=cache)
-        batches[cache] = [(i.numpy(), l.numpy()) for i, l in ds.take(8)]  # 8 batches of 2: over two epochs of 6
+        batches[cache] = [(i.numpy(), l.numpy()) for i, l in ds.take(8)]  # batches 2-9 of 2: three epochs of 6
     assert sorted(reads) == sorted(label for _, label in pairs)  # the cached run read each label once
+    assert len(batches[False]) == len(batches[True]) == 8
     for (image, label), (cached_image, cached_label) in zip(batches[False], batches[True]):
         np.testing.assert_array_equal(image, cached_image)
         np.testing.assert_array_equal(label, cached_label)
@@ -158,7 +159,24 @@ def test_cache_images_feeds_a_run_the_same_source_and_target_batches(tiny_benchm
     for cache in (False, True):
         ds = training.build_dataset({**config, "cache_images": cache}, domains, batch_size=2, skip_batches=2)
         batches.append([{k: v.numpy() for k, v in b.items()} for b in ds.take(5)])
+    assert len(batches[0]) == len(batches[1]) == 5
     for plain, cached in zip(*batches):
         assert set(plain) == set(cached) and "target_image_labels" in plain
         for key in plain:
             np.testing.assert_array_equal(plain[key], cached[key])
+
+
+def test_cache_images_is_refused_when_the_decoded_images_would_not_fit(tiny_benchmark, capsys):
+    from pit_keras import training
+    from pit_keras.errors import UserError
+
+    pairs = gta5.list_pairs(str(tiny_benchmark / "gta5"))
+    domains = {"source": (pairs, gta5.read_train_ids), "target": ([image for image, _ in pairs], None)}
+    width, height = Image.open(pairs[0][0]).size
+    needed = len(pairs) * width * height * (4 + 3)
+    assert training.cache_footprint(domains) == pytest.approx(needed)
+    training.check_cache_fits(domains, available=2 * needed)
+    assert f"about {needed / 1e6:.0f} MB" in capsys.readouterr().out
+    with pytest.raises(UserError, match=r"^--cache_images: the decoded training images need about .* GB, more "
+                                         r"than the .* GB of memory available"):
+        training.check_cache_fits(domains, available=needed)

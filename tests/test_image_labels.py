@@ -68,6 +68,21 @@ def small_extractor():
     return regressor.feature_extractor("MobileNetV3Small", None, (64, 32))
 
 
+def test_standardized_features_undo_a_shift_and_scaling_between_the_domains():
+    rng = np.random.default_rng(1)
+    source = rng.normal(size=(50, 4))
+    source[:, 3] = 7.0  # a constant dimension
+    target = source[::-1] * np.array([3.0, 0.5, 2.0, 1.0]) + np.array([5.0, -1.0, 0.0, 2.0])
+    aligned_source, aligned_target = regressor.align_features(source, target, "standardize")
+    np.testing.assert_allclose(aligned_target, aligned_source[::-1], atol=1e-6)
+    np.testing.assert_allclose(aligned_source.mean(axis=0), 0.0, atol=1e-6)
+    np.testing.assert_allclose(aligned_source.std(axis=0), [1, 1, 1, 0], atol=1e-6)
+    unchanged = regressor.align_features(source, target, "none")
+    assert unchanged[0] is source and unchanged[1] is target
+    with pytest.raises(ValueError, match="coral"):
+        regressor.align_features(source, target, "coral")
+
+
 def test_features_are_cached_once_per_key(small_extractor, tiny_benchmark, tmp_path, monkeypatch):
     paths = [i for i, _ in gta5.list_pairs(str(tiny_benchmark / "gta5"))]
     first, path, hit = regressor.cached_features(small_extractor, paths, (64, 32), str(tmp_path), progress=False)
@@ -175,3 +190,8 @@ def test_cli_with_predicted_shares_of_a_trained_run(tiny_benchmark, tmp_path):
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"predicted by {run_dir}" in result.stdout and "  predictions " in result.stdout
     assert len(json.loads(output.read_text())) == 6
+    bad = run_cli("--source=gta5", f"--source_root={tiny_benchmark / 'gta5'}", "--target=cityscapes",
+                  f"--target_root={tiny_benchmark / 'cityscapes'}", "--features=predictions",
+                  f"--model_dir={run_dir}", f"--output={output}", "--feature_alignment=standardize")
+    assert bad.returncode == 2 and "--feature_alignment=standardize does not apply" in bad.stderr
+    assert "Traceback" not in bad.stderr

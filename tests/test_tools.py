@@ -4,6 +4,7 @@ trained runs."""
 import importlib.util
 import json
 import math
+import os
 
 import numpy as np
 import pytest
@@ -128,6 +129,18 @@ def test_rows_and_seeds_flags():
         results_table.parse_seeds(["0", "0"])
     assert results_table.recorded_command(["--output_dir=x", "--report_only"]) == (
         "python tools/results_table.py --output_dir=x")
+
+
+def test_aligned_regressor_rows_share_their_own_labels():
+    plain = results_table.train_args("pit_regressor_lc_mean", 1, "out", 1500)
+    aligned = [results_table.train_args(row, 1, "out", 1500)
+               for row in ("pit_regressor_aligned", "pit_regressor_aligned_lc_mean")]
+    labels = os.path.join("out", "pit_regressor_aligned", "seed_1", "image_labels.json")
+    assert f"--image_labels={labels}" in aligned[0] and f"--image_labels={labels}" in aligned[1]
+    assert f"--image_labels={os.path.join('out', 'pit_regressor', 'seed_1', 'image_labels.json')}" in plain
+    args = results_table.regressor_args("out", 1, "backbone", "standardize")
+    assert f"--output={labels}" in args and "--feature_alignment=standardize" in args
+    assert not any(a.startswith("--feature_alignment") for a in results_table.regressor_args("out", 1, "backbone"))
 
 
 @pytest.fixture(scope="module")

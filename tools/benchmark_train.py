@@ -56,9 +56,13 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pit_keras import atomic  # noqa: E402
 from pit_keras.flags import DEFAULT_BENCHMARK_ROOT  # noqa: E402
 
 RESULT_PREFIX = "BENCHMARK_CASE_RESULT "
+# The classifier of each backbone (models/backbones.py: BACKBONES[name].head), without importing TensorFlow here.
+BACKBONE_HEADS = {"tiny": "conv1x1", "mobilenetv3_small": "conv1x1", "mobilenetv3_large": "conv1x1",
+                  "deeplabv2_resnet101": "aspp", "fcn8s_vgg16": "conv1x1"}
 
 TRAIN_BASES = {
     # name: (method, config overrides, network units (None: K from lse_r), what it is)
@@ -685,9 +689,11 @@ def parse_args(argv=None):
     args.cases = [c.strip() for c in args.cases.split(",") if c.strip()]
     for name in args.cases:
         try:
-            parse_case(name)
+            case = parse_case(name)
         except ValueError as err:
             parser.error(str(err))
+        if case["asppconv"] and not args.report and BACKBONE_HEADS.get(args.backbone) != "aspp":
+            parser.error(f"case {name!r}: asppconv changes only backbones with ASPP heads, not {args.backbone}.")
     if min(args.batch_size, args.repeats, args.pipeline_window) <= 0 or args.warmup < 0:
         parser.error("--batch_size, --repeats and --pipeline_window must be positive, --warmup not negative.")
     return args
@@ -739,8 +745,7 @@ def main(argv=None):
     data["summary"] = summarize(results)
     if args.output:
         os.makedirs(os.path.dirname(os.path.abspath(args.output)), exist_ok=True)
-        with open(args.output, "w") as f:
-            json.dump(data, f, indent=2)
+        atomic.write_text_atomic(args.output, json.dumps(data, indent=2) + "\n")
     print(report(data))
     return 1 if any("error" in r for r in results) else 0
 

@@ -43,6 +43,8 @@ FLAGFILE = "flags/demo.cfg"
 RUN_RECORD = "results_table.json"  # in each run folder: the train flags it was made with, time, exit code
 EVAL_FILE = "eval_val.json"
 REGRESSOR_ROW = "pit_regressor"
+ALIGNED_ROW = "pit_regressor_aligned"
+LABELS_ROWS = {"none": REGRESSOR_ROW, "standardize": ALIGNED_ROW}  # where each alignment's labels are kept
 BACKBONE_FEATURES = "backbone"
 
 
@@ -57,6 +59,8 @@ class Row:
         group: "main", "table3" or "table4" (the section it is printed in, and a `--rows` key).
         paper: the paper's number for this row (ResNet-101, GTAV -> Cityscapes), for orientation only.
         regressor_labels: trains on the regressor's target image labels (those of the pit_regressor row).
+        alignment: the regressor's `--feature_alignment` (labels of another alignment than "none" are kept in
+            the first row that uses them: `image_labels_path`).
         reference: the row a diagnostic row is compared with.
     """
 
@@ -67,6 +71,7 @@ class Row:
     paper: str
     regressor_labels: bool = False
     reference: str = "pit_gt"
+    alignment: str = "none"
 
 
 ROWS = (
@@ -91,6 +96,12 @@ ROWS = (
         "-"),
     Row("pit_regressor_lc_mean", "PIT-regressor, L_c averaged over classes", ("--image_loss_reduction=mean",),
         "diagnostic", "-", regressor_labels=True, reference=REGRESSOR_ROW),
+    # The regressor on features standardized per domain (image_labels --feature_alignment=standardize).
+    Row(ALIGNED_ROW, "PIT-regressor, regressor features standardized per domain", (), "diagnostic", "-",
+        regressor_labels=True, reference=REGRESSOR_ROW, alignment="standardize"),
+    Row("pit_regressor_aligned_lc_mean", "PIT-regressor, features standardized per domain, L_c averaged over "
+        "classes", ("--image_loss_reduction=mean",), "diagnostic", "-", regressor_labels=True,
+        reference=REGRESSOR_ROW, alignment="standardize"),
 )
 ROWS_BY_NAME = {row.name: row for row in ROWS}
 # Table 4 (number of units) shares runs with rows above: 1 unit is r = 0.5, 3 units is the full setting.
@@ -154,8 +165,8 @@ def run_dir(output_dir, row, seed):
     return os.path.join(output_dir, row, f"seed_{seed}")
 
 
-def image_labels_path(output_dir, seed):
-    return os.path.join(run_dir(output_dir, REGRESSOR_ROW, seed), "image_labels.json")
+def image_labels_path(output_dir, seed, alignment="none"):
+    return os.path.join(run_dir(output_dir, LABELS_ROWS[alignment], seed), "image_labels.json")
 
 
 def train_args(row, seed, output_dir, num_steps):
@@ -163,14 +174,16 @@ def train_args(row, seed, output_dir, num_steps):
     args = [f"--flagfile={FLAGFILE}", f"--model_dir={run_dir(output_dir, row, seed)}", f"--seed={seed}",
             f"--num_steps={num_steps}", "--evaluate=true", "--verbose=0", *ROWS_BY_NAME[row].overrides]
     if ROWS_BY_NAME[row].regressor_labels:
-        args.append(f"--image_labels={image_labels_path(output_dir, seed)}")
+        args.append(f"--image_labels={image_labels_path(output_dir, seed, ROWS_BY_NAME[row].alignment)}")
     return args
 
 
-def regressor_args(output_dir, seed, features):
+def regressor_args(output_dir, seed, features, alignment="none"):
     """The flags of the `pit_keras.image_labels` run that writes a seed's target image labels."""
-    args = ["--source=synthetic", "--target=synthetic", f"--output={image_labels_path(output_dir, seed)}",
-            f"--seed={seed}", f"--features={features}"]
+    args = ["--source=synthetic", "--target=synthetic",
+            f"--output={image_labels_path(output_dir, seed, alignment)}", f"--seed={seed}", f"--features={features}"]
+    if alignment != "none":
+        args.append(f"--feature_alignment={alignment}")
     if features == BACKBONE_FEATURES:
         args += [f"--model_dir={run_dir(output_dir, 'source_only', seed)}", "--image_size=256,128"]
     return args
@@ -252,12 +265,12 @@ def train_one(row, seed, output_dir, num_steps):
     return None
 
 
-def make_image_labels(seed, output_dir, num_steps, features):
+def make_image_labels(seed, output_dir, num_steps, features, alignment="none"):
     """Writes a seed's regressor image labels (training the source-only run first if the features need it);
     returns None on success, else the reason."""
-    path = image_labels_path(output_dir, seed)
+    path = image_labels_path(output_dir, seed, alignment)
     folder = os.path.dirname(path)
-    args = regressor_args(output_dir, seed, features)
+    args = regressor_args(output_dir, seed, features, alignment)
     record_path = os.path.join(folder, "image_labels_record.json")
     if os.path.isfile(record_path):
         with open(record_path) as f:
@@ -287,7 +300,7 @@ def run_all(rows, seeds, output_dir, num_steps, regressor_features):
     for row in rows:
         for seed in seeds:
             if ROWS_BY_NAME[row].regressor_labels:
-                reason = make_image_labels(seed, output_dir, num_steps, regressor_features)
+                reason = make_image_labels(seed, output_dir, num_steps, regressor_features, ROWS_BY_NAME[row].alignment)
                 if reason:
                     failures[(row, seed)] = f"no image labels: {reason}"
                     continue
@@ -332,9 +345,9 @@ def collect_row(output_dir, row, seeds):
             "per_class_iou_mean": class_means, "seconds_mean": mean_std(seconds)[0]}
 
 
-def read_target_truth_shares(output_dir, seed):
+def read_target_truth_shares(output_dir, seed, alignment="none"):
     """Distances of a seed's regressor labels to the target truth, next to the source-mean prior (or None)."""
-    path = image_labels_path(output_dir, seed)
+    path = image_labels_path(output_dir, seed, alignment)
     if not os.path.isfile(path):
         return None
     # Imported only when there is something to measure: these pull in TensorFlow.
@@ -358,12 +371,14 @@ def read_target_truth_shares(output_dir, seed):
 
 def summarize(output_dir, rows, seeds, regressor_distances=True):
     """Every number of the table: `{"rows": {name: collect_row(...)}, "regressor": {...}}`."""
-    summary = {"rows": {row: collect_row(output_dir, row, seeds) for row in rows}, "regressor": {}}
-    if REGRESSOR_ROW in rows and regressor_distances:
-        for seed in seeds:
-            report = read_target_truth_shares(output_dir, seed)
-            if report is not None:
-                summary["regressor"][seed] = report
+    summary = {"rows": {row: collect_row(output_dir, row, seeds) for row in rows}, "regressor": {},
+               "regressor_aligned": {}}
+    for alignment, key in (("none", "regressor"), ("standardize", "regressor_aligned")):
+        if LABELS_ROWS[alignment] in rows and regressor_distances:
+            for seed in seeds:
+                report = read_target_truth_shares(output_dir, seed, alignment)
+                if report is not None:
+                    summary[key][seed] = report
     return summary
 
 
@@ -496,6 +511,14 @@ def markdown(summary, command, machine_info, seeds, num_steps, failures, notes=N
         for seed, report in sorted(summary["regressor"].items()):
             lines.append(f"| {seed} | {report['regressor']['chi2']:.3f} | {report['source-mean prior']['chi2']:.3f} "
                          f"| {report['regressor']['l1']:.3f} | {report['source-mean prior']['l1']:.3f} |")
+    if summary.get("regressor_aligned"):
+        lines += ["", f"The same regressor on features standardized per domain (`--feature_alignment=standardize`, "
+                  f"rows {ALIGNED_ROW}*):", "",
+                  "| seed | regressor chi-squared | source-mean prior chi-squared | regressor L1 | prior L1 |",
+                  "|---|---|---|---|---|"]
+        for seed, report in sorted(summary["regressor_aligned"].items()):
+            lines.append(f"| {seed} | {report['regressor']['chi2']:.3f} | {report['source-mean prior']['chi2']:.3f} "
+                         f"| {report['regressor']['l1']:.3f} | {report['source-mean prior']['l1']:.3f} |")
     if failures:
         lines += ["", "## Runs that failed", ""]
         lines += [f"- {row} seed {seed}: {reason}" for (row, seed), reason in sorted(failures.items())]
@@ -516,6 +539,7 @@ def json_payload(summary, command, machine_info, seeds, num_steps, failures):
 
     return clean({"command": command, "machine": machine_info, "seeds": seeds, "num_steps": num_steps,
                   "flagfile": FLAGFILE, "rows": summary["rows"], "regressor_distances": summary["regressor"],
+                  "regressor_distances_aligned": summary.get("regressor_aligned", {}),
                   "failures": {f"{row}/seed_{seed}": reason for (row, seed), reason in failures.items()}})
 
 

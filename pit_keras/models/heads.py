@@ -31,8 +31,10 @@ class ASPPClassifier(keras.layers.Layer):
       logits (the four rates' centre taps summed into one: 33 taps), then the taps' maps shifted by their
       offsets and summed, with zeros outside the map as in "same" padding. A dilated 3x3 convolution to 19
       classes from 2048 channels keeps oneDNN's kernels far from their peak on CPUs; the single wide product
-      does not: 2.2x faster forward and backward for DeepLab-v2's heads on these CPUs (docs/performance.md).
-    - `"conv"`: the four dilated convolutions, as written.
+      does not: a DeepLab-v2 PIT step is 29% faster on these CPUs, and the heads need a third of the memory at
+      the paper's sizes (docs/performance.md, tools/benchmark_aspp.py).
+    - `"conv"`: the four dilated convolutions, as written. Exports use this form: builtin CONV_2D ops that
+      int8 accelerators run whole, quantized per output channel.
 
     Args:
         num_classes: C.
@@ -75,18 +77,20 @@ class ASPPClassifier(keras.layers.Layer):
                         offsets.append(((i - 1) * rate, (j - 1) * rate))
                         taps.append(kernel[i, j])
         logits = tf.einsum("bhwc,cn->bhwn", features, tf.concat(taps, axis=1))  # [B, H, W, taps * C]
-        if dtype != tf.float32:
-            logits = tf.cast(logits, tf.float32)  # sum the 33 taps in float32, as a convolution accumulates
         shape = tf.shape(features)
         height, width = shape[1], shape[2]
-        pad = max(self.rates)
-        logits = tf.pad(logits, [[0, 0], [pad, pad], [pad, pad], [0, 0]])
-        # Split by tap before the spatial slices: the gradient of a slice is its input's size, which for a
-        # slice of the C channels of one tap out of all taps' channels would be 33 times too large.
-        size = tf.stack([-1, height, width, classes])
-        total = tf.add_n([tf.slice(tap, [0, pad + dy, pad + dx, 0], size)
-                          for tap, (dy, dx) in zip(tf.split(logits, len(offsets), axis=-1), offsets)])
-        total += tf.cast(tf.add_n([b.bias for b in self.branches]), total.dtype)
+        # Each tap's map moved by its offset, zeros where it reads outside the features ("same" padding): the
+        # rows and columns it reads are sliced and padded back to H x W. Split by tap first, as the gradient of
+        # a slice is its input's size; no tensor of all taps is padded (memory at large feature maps).
+        shifted = []
+        for tap, (dy, dx) in zip(tf.split(logits, len(offsets), axis=-1), offsets):
+            (top, rows, bottom), (left, cols, right) = _window(height, dy), _window(width, dx)
+            window = tf.slice(tap, tf.stack([0, tf.minimum(max(dy, 0), height), tf.minimum(max(dx, 0), width), 0]),
+                              tf.stack([-1, rows, cols, classes]))
+            # Summed in float32 under a mixed policy, as a convolution accumulates.
+            shifted.append(tf.pad(tf.cast(window, tf.float32), [[0, 0], [top, bottom], [left, right], [0, 0]]))
+        total = tf.add_n(shifted)
+        total += tf.add_n([tf.cast(b.bias, tf.float32) for b in self.branches])
         return tf.cast(total, dtype)
 
     def compute_output_shape(self, input_shape):
@@ -95,6 +99,15 @@ class ASPPClassifier(keras.layers.Layer):
     def get_config(self):
         return {**super().get_config(), "num_classes": self.num_classes, "rates": self.rates,
                 "implementation": self.implementation}
+
+
+def _window(size, offset):
+    """For a map of `size` (a scalar tensor) read at `offset`: (zeros before, values, zeros after), summing to
+    `size`; the values are `offset .. offset + size` clipped to the map."""
+    values = tf.maximum(size - abs(offset), 0)
+    before = size - values if offset < 0 else tf.zeros_like(size)
+    after = size - values if offset > 0 else tf.zeros_like(size)
+    return before, values, after
 
 
 def build_head(kind, num_classes, name, aspp_implementation="matmul"):
