@@ -59,6 +59,14 @@ def is_multi_worker(strategy):
     return isinstance(strategy, tf.distribute.MultiWorkerMirroredStrategy)
 
 
+def num_workers(strategy):
+    """Processes that train together (each with its own input pipeline): 1 unless multi-worker."""
+    if not is_multi_worker(strategy):
+        return 1
+    spec = strategy.cluster_resolver.cluster_spec()
+    return sum(spec.num_tasks(job) for job in spec.jobs if job in ("chief", "worker")) or 1
+
+
 def is_chief(strategy):
     """Whether this process writes checkpoints, events, results and exports (the chief, or worker 0)."""
     if not is_multi_worker(strategy):

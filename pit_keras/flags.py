@@ -69,7 +69,7 @@ def define_train_flags():
     flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices (test distribution without GPUs).")
     flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
                       "Keras dtype policy; losses stay in float32, mixed_float16 scales the loss. On CPUs "
-                      "(docs/performance.md): mixed_bfloat16 makes DeepLab-v2 steps ~1.6x faster on CPUs with "
+                      "(docs/performance.md): mixed_bfloat16 makes DeepLab-v2 steps ~1.5x faster on CPUs with "
                       "AVX512_BF16 but small backbones no faster or slower; mixed_float16 is for GPUs only "
                       "(2-4x slower on CPUs).")
     flags.DEFINE_boolean("jit_compile", False, "Compile the training step with XLA (for GPUs: on CPUs it made "
@@ -79,8 +79,8 @@ def define_train_flags():
                          "90 MB; docs/performance.md).")
     flags.DEFINE_enum("aspp_implementation", "matmul", ["matmul", "conv"],
                       "How DeepLab-v2's ASPP heads are computed (the same function and weights): one matrix "
-                      "product and shifted sums (a DeepLab-v2 PIT step 29% faster on CPUs, a third of the memory at the paper's "
-                      "sizes), or four dilated convolutions (exports always use these).")
+                      "product and shifted sums (32% less time per DeepLab-v2 PIT step on CPUs, a third of the "
+                      "memory at the paper's sizes), or four dilated convolutions (exports always use these).")
     flags.DEFINE_boolean("deterministic", False, "Deterministic TensorFlow ops "
                          "(tf.config.experimental.enable_op_determinism): bit-identical resumed runs on GPUs, at "
                          "some speed. On CPUs runs are reproducible without it.")

@@ -83,16 +83,32 @@ def load_domains(config, trainer):
     return domains
 
 
+def _read_int(path):
+    try:
+        with open(path) as f:
+            return int(f.read().split()[0])
+    except (OSError, ValueError, IndexError):
+        return None  # missing, or "max" (no limit)
+
+
 def available_memory():
-    """Bytes of memory available to a new allocation (Linux MemAvailable), or None where it cannot be read."""
+    """Bytes of memory a new allocation can get: Linux's MemAvailable, or less under a cgroup memory limit
+    (Docker, Kubernetes: its limit minus its usage); None where neither can be read."""
+    candidates = []
     try:
         with open("/proc/meminfo") as f:
             for line in f:
                 if line.startswith("MemAvailable:"):
-                    return int(line.split()[1]) * 1024
+                    candidates.append(int(line.split()[1]) * 1024)
     except (OSError, ValueError, IndexError):
-        return None
-    return None
+        pass
+    for limit, usage in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),  # cgroup v2
+                         ("/sys/fs/cgroup/memory/memory.limit_in_bytes",
+                          "/sys/fs/cgroup/memory/memory.usage_in_bytes")):  # cgroup v1
+        limit, usage = _read_int(limit), _read_int(usage)
+        if limit is not None and usage is not None and limit < 1 << 60:  # v1 writes a huge number for no limit
+            candidates.append(max(limit - usage, 0))
+    return min(candidates) if candidates else None
 
 
 def cache_footprint(domains, sample=32):
@@ -111,15 +127,18 @@ def cache_footprint(domains, sample=32):
     return total
 
 
-def check_cache_fits(domains, available=None):
+def check_cache_fits(domains, available=None, shards=1):
     """Refuses `--cache_images` when the decoded images would not fit in memory, before any is decoded (else
-    the run would decode for a long time and then be killed without a word); prints the estimate otherwise."""
-    needed = cache_footprint(domains)
+    the run would decode for a long time and then be killed without a word); prints the estimate otherwise.
+    With `shards` input pipelines (one per worker), each keeps its shard. The margin (80% of what is available)
+    does not cover the training step's own memory: a run that needs most of the machine should not cache."""
+    needed = cache_footprint(domains) / shards
     available = available_memory() if available is None else available
     if available is not None and needed > 0.8 * available:
         raise UserError(f"--cache_images: the decoded training images need about {needed / 1e9:.1f} GB, more than "
                         f"the {available / 1e9:.1f} GB of memory available; train without --cache_images.")
-    print(f"--cache_images: about {needed / 1e6:.0f} MB of decoded training images will be kept in memory")
+    checked = "" if available is not None else " (not checked: the available memory could not be read)"
+    print(f"--cache_images: about {needed / 1e6:.0f} MB of decoded training images will be kept in memory{checked}")
 
 
 def build_dataset(config, domains, batch_size, shard=None, skip_batches=0):
@@ -179,7 +198,7 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
     distribute.per_replica_batch(config["batch_size"], strategy)
     domains = load_domains(config, trainer)
     if config.get("cache_images"):
-        check_cache_fits(domains)
+        check_cache_fits(domains, shards=distribute.num_workers(strategy))
 
     resumed = checkpoints.restore_latest(trainer.network, trainer.optimizer, model_dir)
     step = int(trainer.optimizer.iterations.numpy())

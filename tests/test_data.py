@@ -166,7 +166,7 @@ def test_cache_images_feeds_a_run_the_same_source_and_target_batches(tiny_benchm
             np.testing.assert_array_equal(plain[key], cached[key])
 
 
-def test_cache_images_is_refused_when_the_decoded_images_would_not_fit(tiny_benchmark, capsys):
+def test_cache_images_is_refused_when_the_decoded_images_would_not_fit(tiny_benchmark, capsys, monkeypatch):
     from pit_keras import training
     from pit_keras.errors import UserError
 
@@ -180,3 +180,7 @@ def test_cache_images_is_refused_when_the_decoded_images_would_not_fit(tiny_benc
     with pytest.raises(UserError, match=r"^--cache_images: the decoded training images need about .* GB, more "
                                          r"than the .* GB of memory available"):
         training.check_cache_fits(domains, available=needed)
+    training.check_cache_fits(domains, available=needed, shards=2)  # each of two workers keeps half
+    monkeypatch.setattr(training, "available_memory", lambda: None)
+    training.check_cache_fits(domains)
+    assert "(not checked: the available memory could not be read)" in capsys.readouterr().out

@@ -66,7 +66,8 @@ def run_one(setting, implementation, channels, classes, repeats):
     median = statistics.median(times)
     return {"setting": setting, "implementation": implementation, "heads": count, "batch": batch,
             "features": [height, width, channels], "classes": classes, "step_s": median,
-            "compile_s": max(first - median, 0.0), "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+            "compile_s": max(first - median, 0.0),
+            "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
 
 
 def report(data):

@@ -136,7 +136,8 @@ def base_config(args, method):
         "recon_domains": ["source", "target"], "loss_resolution": "feature", "interaction_lr_multiplier": 0.01,
         "image_loss_reduction": "sum", "image_labels": "ground_truth" if method == "pit" else None,
         "batch_size": args.batch_size,
-        "num_steps": 200000, "learning_rate": 0.05, "momentum": 0.9, "weight_decay": 0.0001, "poly_power": 0.9,
+        "num_steps": 200000, "learning_rate": args.learning_rate, "momentum": 0.9, "weight_decay": 0.0001,
+        "poly_power": 0.9,
         "seed": 0, "mixed_precision": "float32", "jit_compile": False,
     }
 
@@ -467,7 +468,7 @@ def case_in_subprocess(args, name):
     command = [sys.executable, os.path.abspath(__file__), f"--run_case={name}", f"--backbone={args.backbone}",
                f"--size={args.size[0]},{args.size[1]}", f"--batch_size={args.batch_size}",
                f"--repeats={args.repeats}", f"--warmup={args.warmup}", f"--data_root={args.data_root}",
-               f"--pipeline_window={args.pipeline_window}"]
+               f"--pipeline_window={args.pipeline_window}", f"--learning_rate={args.learning_rate!r}"]
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": os.environ.get("TF_CPP_MIN_LOG_LEVEL", "2")}
     done = subprocess.run(command, capture_output=True, text=True, env=env)
     for line in done.stdout.splitlines():
@@ -575,7 +576,13 @@ def report(data):
              f"load average {data['load_average_start'][0]:.2f} at the start, {data['load_average_end'][0]:.2f} at "
              f"the end; {len(data['other_training_processes'])} other training processes at the start.", "",
              f"Backbone `{args['backbone']}`, {args['size'][0]}x{args['size'][1]}, batch {args['batch_size']} per "
-             f"domain; medians of {args['repeats']} steps after {args['warmup']} warm-up steps.", "",
+             f"domain; medians of {args['repeats']} steps after {args['warmup']} warm-up steps; SGD learning rate "
+             f"{args.get('learning_rate', 0.05):g}.", ""]
+    diverged = [r["case"] for r in results if r.get("loss_finite") is False]
+    if diverged:
+        lines += [f"**Warning: the loss was not finite in {', '.join(diverged)}**: those steps ran on NaN or infinite "
+                  "values, and their times may not be a healthy step's (lower --learning_rate).", ""]
+    lines += [
              "| case | what | policy | XLA | step (ms) | CPU (ms) | images/s | vs reference | compile (s) | "
              "peak RSS (MB) | other load (cores) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
     for r in results:
@@ -670,6 +677,10 @@ def parse_args(argv=None):
     parser.add_argument("--batch_size", type=int, default=4, help="Images per domain per step.")
     parser.add_argument("--repeats", type=int, default=20, help="Timed steps (pipeline: timed windows).")
     parser.add_argument("--warmup", type=int, default=3, help="Untimed steps after the first.")
+    parser.add_argument("--learning_rate", type=float, default=0.05,
+                        help="SGD learning rate of every training case: the demo's 0.05 by default; a step must "
+                             "keep the loss finite to be timed honestly (DeepLab-v2 without ImageNet weights "
+                             "diverges at 0.05: use the paper's 2.5e-5).")
     parser.add_argument("--cases", default=",".join(DEFAULT_CASES),
                         help="Comma-separated cases, BASE[+MODIFIER...] (see the module docstring).")
     parser.add_argument("--data_root", default=DEFAULT_BENCHMARK_ROOT, help="The embedded benchmark's folder.")
@@ -740,7 +751,8 @@ def main(argv=None):
             "load_average_end": list(os.getloadavg()), "other_training_processes": running,
             "args": {"backbone": args.backbone, "size": list(args.size), "batch_size": args.batch_size,
                      "repeats": args.repeats, "warmup": args.warmup, "cases": args.cases,
-                     "in_process": args.in_process, "pipeline_window": args.pipeline_window},
+                     "in_process": args.in_process, "pipeline_window": args.pipeline_window,
+                     "learning_rate": args.learning_rate},
             "results": results}
     data["summary"] = summarize(results)
     if args.output:

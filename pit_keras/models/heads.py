@@ -31,8 +31,8 @@ class ASPPClassifier(keras.layers.Layer):
       logits (the four rates' centre taps summed into one: 33 taps), then the taps' maps shifted by their
       offsets and summed, with zeros outside the map as in "same" padding. A dilated 3x3 convolution to 19
       classes from 2048 channels keeps oneDNN's kernels far from their peak on CPUs; the single wide product
-      does not: a DeepLab-v2 PIT step is 29% faster on these CPUs, and the heads need a third of the memory at
-      the paper's sizes (docs/performance.md, tools/benchmark_aspp.py).
+      does not: a DeepLab-v2 PIT step takes 32% less time on these CPUs, and the heads need a third of the
+      memory at the paper's sizes (docs/performance.md, tools/benchmark_aspp.py).
     - `"conv"`: the four dilated convolutions, as written. Exports use this form: builtin CONV_2D ops that
       int8 accelerators run whole, quantized per output channel.
 
