@@ -53,19 +53,20 @@ def _shard(ds, shard):
 
 
 def _endless(ds, seed, batch_size, skip_batches, decode, resize, cache=False):
-    count = ds.cardinality()
+    count = ds.cardinality()  # of the file names: known, where it is not after ignore_errors
     if cache:
         # The decoded files are kept in memory (uint8, at their own size) after their first use and resized
-        # every time, as without the cache. The shuffle sees as many elements with the same seed as the
-        # file-name shuffle below, so the batches are the same as without the cache.
+        # every time, as without the cache. The shuffle below sees as many elements with the same seed as it
+        # does file names without the cache, so the batches are the same.
         ds = ds.map(decode, num_parallel_calls=AUTOTUNE).ignore_errors(log_warning=True).cache()
-        ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=True).repeat().skip(skip_batches * batch_size)
-        ds = ds.map(resize, num_parallel_calls=AUTOTUNE)
-        return ds.batch(batch_size, drop_remainder=True)
-    # The shuffled order is a function of the seed alone, so skipping the file names of the batches a resumed
-    # run has already seen (cheap: nothing is decoded) continues the uninterrupted run's data order.
+        load = resize
+    else:
+        def load(*x):
+            return resize(*decode(*x))
+    # The shuffled order is a function of the seed alone, so skipping the elements of the batches a resumed run
+    # has already seen (cheap without the cache: nothing is decoded) continues the uninterrupted run's order.
     ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.skip(skip_batches * batch_size).map(lambda *x: resize(*decode(*x)), num_parallel_calls=AUTOTUNE)
+    ds = ds.skip(skip_batches * batch_size).map(load, num_parallel_calls=AUTOTUNE)
     # A file damaged past its header (checked at start-up) is skipped with a warning, not a crash.
     return ds.ignore_errors(log_warning=True).batch(batch_size, drop_remainder=True)
 
