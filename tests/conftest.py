@@ -1,4 +1,4 @@
-"""Shared fixtures: a tiny generated benchmark on disk, and the path of the real Cityscapes sample."""
+"""Shared fixtures: a tiny generated benchmark on disk, and the path of the real Cityscapes frame in tests/data/."""
 
 import os
 import pathlib
@@ -8,7 +8,7 @@ import pytest
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-CITYSCAPES_FRAME = REPO.parent / "shared" / "data" / "cityscapes_frame"
+CITYSCAPES_FRAME = REPO / "tests" / "data" / "cityscapes_frame"
 
 
 @pytest.fixture(scope="session")
