@@ -3,8 +3,9 @@
     python -m pit_keras.export --model_dir=runs/demo --output_dir=exports/demo
 
 Writes OUTPUT/saved_model/pit/1/ (serving_default: uint8 images of any size -> labels, probabilities),
-OUTPUT/pit_{float32,float16,dynamic_int8,int8}.tflite (fixed --tflite_size input) and OUTPUT/metadata.json.
-Only the fine segmenter is exported. See export/README.md for serving and on-device use.
+OUTPUT/pit_{float32,float16,dynamic_int8,int8,gpu_float16}.tflite (fixed --tflite_size input -> logits; with
+MediaPipe ImageSegmenter metadata when mediapipe is installed) and OUTPUT/metadata.json. Only the fine
+segmenter is exported. See export/README.md for serving and on-device use.
 """
 
 from absl import flags
@@ -29,8 +30,10 @@ def main(argv):
     from pit_keras import exporting
 
     exporting.check_output_dir(FLAGS.output_dir, FLAGS.overwrite)
+    # Without --formats every format is written, the GPU-delegate variant included.
+    formats = FLAGS.formats if FLAGS["formats"].present else exporting.FORMATS
     metadata = exporting.export(FLAGS.model_dir, FLAGS.output_dir, tflite_size=tflite_size,
-                                calibration_count=FLAGS.calibration_images, formats=FLAGS.formats,
+                                calibration_count=FLAGS.calibration_images, formats=formats,
                                 overwrite=FLAGS.overwrite)
     total = sum(metadata["files"].values())
     print(f"exported {metadata['checkpoint']} (step {metadata['checkpoint_step']}) of {FLAGS.model_dir} to "

@@ -5,23 +5,41 @@ name beside the destination and renamed into place once complete, so an interrup
 half model, and an existing export is replaced only after its successor is whole.
 
     OUTPUT/saved_model/pit/1/        serving_default: uint8 [batch, H, W, 3] of any size -> labels, probabilities
-    OUTPUT/pit_float32.tflite        uint8 [1, H, W, 3] at a fixed size -> labels (int32), probabilities
+    OUTPUT/pit_float32.tflite        uint8 [1, H, W, 3] at a fixed size -> logits (float32 [1, H, W, C])
     OUTPUT/pit_float16.tflite        float16 weights
     OUTPUT/pit_dynamic_int8.tflite   int8 weights, float activations
-    OUTPUT/pit_int8.tflite           int8 weights and activations (calibrated on target images) -> labels
+    OUTPUT/pit_int8.tflite           int8 weights and activations (calibrated on target images); the int8
+                                     logits are dequantized at the output
+    OUTPUT/pit_gpu_float16.tflite    for GPU delegates: float32 [1, H, W, 3] pixels in [0, 255] -> logits,
+                                     float16 weights, no ARG_MAX, no CAST, no int64 tensor
     OUTPUT/metadata.json             classes, palette, sizes, preprocessing, training run, checkpoint, files
+
+Every `.tflite` model has one output, the per-class logits at the input size, and no argmax: that is the layout
+MediaPipe's ImageSegmenter reads (it takes the argmax as its category mask), and the LiteRT GPU delegate has no
+ARG_MAX. With mediapipe installed each model also carries MediaPipe's ImageSegmenter metadata
+(`mediapipe_metadata`): normalisation, the class names as a labels file, softmax activation.
 """
 
 import os
 import shutil
 import tempfile
 
-from pit_keras import checkpoints, inference
+from pit_keras import checkpoints, inference, mediapipe_metadata
 from pit_keras.data import classes
 from pit_keras.errors import UserError
 
 SAVED_MODEL = "saved_model"
-TFLITE_VARIANTS = ("float32", "float16", "dynamic_int8", "int8")
+TFLITE_VARIANTS = ("float32", "float16", "dynamic_int8", "int8", "gpu_float16")
+# The input each variant takes: uint8 pixels, or float32 pixels in [0, 255] for GPU delegates (which run float
+# tensors; a uint8 input would need a CAST they may not support).
+TFLITE_INPUT_DTYPES = {"float32": "uint8", "float16": "uint8", "dynamic_int8": "uint8", "int8": "uint8",
+                       "gpu_float16": "float32"}
+TFLITE_OUTPUT = "logits"
+# The input normalisation written into MediaPipe's metadata: the task feeds (pixel - mean) / std to a float
+# input, so mean 0 and std 1 give the [0, 255] pixels the graph expects (the backbone's own normalisation is
+# inside the graph). A uint8 input gets the pixels as they are whatever the metadata says.
+NORM_MEAN = (0.0,)
+NORM_STD = (1.0,)
 FORMATS = (SAVED_MODEL,) + TFLITE_VARIANTS
 SAVED_MODEL_VERSION = 1
 
@@ -31,24 +49,20 @@ def tflite_filename(variant):
     return f"pit_{variant}.tflite"
 
 
-def tflite_function(segmenter, probabilities=True):
-    """The function behind a TFLite model: uint8 `[1, H, W, 3]` at its fixed size -> labels (and probabilities).
+def tflite_function(segmenter):
+    """The function behind a TFLite model: `[1, H, W, 3]` pixels at its fixed size -> `{"logits": [1, H, W, C]}`.
 
-    The network runs at the input size itself (no resize inside), and the argmax is `tf.math.argmax` with an
-    int32 output, which converts to the builtin ARG_MAX (`keras.ops.argmax` does not).
+    The network runs at the input size itself (no resize inside except its own bilinear upsampling of the logits,
+    `tf.image.resize`: RESIZE_BILINEAR with half-pixel centres, not align_corners). There is no argmax: the
+    client (MediaPipe's task, `inference.TFLitePredictor`) takes it.
 
     Args:
         segmenter: a Keras model from float RGB in [0, 255] to logits.
-        probabilities: also return the softmax (left out of the full-int8 model, where it would be 8-bit).
     """
     import tensorflow as tf
 
     def serve(images):
-        logits = segmenter(tf.cast(images, tf.float32), training=False)
-        outputs = {"labels": tf.math.argmax(logits, axis=-1, output_type=tf.int32)}
-        if probabilities:
-            outputs["probabilities"] = tf.nn.softmax(logits, axis=-1)
-        return outputs
+        return {TFLITE_OUTPUT: segmenter(tf.cast(images, tf.float32), training=False)}
 
     return serve
 
@@ -94,7 +108,8 @@ def convert_tflite(segmenter, input_size, variant, calibration=None):
         segmenter: a Keras model from float RGB in [0, 255] to logits.
         input_size: (W, H) of the fixed input.
         variant: float32 | float16 (float16 weights) | dynamic_int8 (int8 weights, float activations) |
-            int8 (int8 weights and activations; uint8 input, int32 labels out).
+            int8 (int8 weights and activations; uint8 input, logits dequantized at the output) |
+            gpu_float16 (float16 weights, float32 input).
         calibration: for int8, the uint8 `[1, H, W, 3]` images that fix the activation ranges.
 
     Returns:
@@ -106,8 +121,9 @@ def convert_tflite(segmenter, input_size, variant, calibration=None):
         raise ValueError(f"Unknown TFLite variant {variant!r}; expected one of {TFLITE_VARIANTS}.")
     width, height = input_size
     with tempfile.TemporaryDirectory() as saved_model:
-        write_saved_model(segmenter, tflite_function(segmenter, probabilities=variant != "int8"),
-                          tf.TensorSpec([1, height, width, 3], tf.uint8, name="images"), saved_model)
+        write_saved_model(segmenter, tflite_function(segmenter),
+                          tf.TensorSpec([1, height, width, 3], TFLITE_INPUT_DTYPES[variant], name="images"),
+                          saved_model)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
         configure_converter(converter, variant, calibration)
         return converter.convert()
@@ -120,13 +136,14 @@ def configure_converter(converter, variant, calibration):
     converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS]
     if variant != "float32":
         converter.optimizations = [tf.lite.Optimize.DEFAULT]
-    if variant == "float16":
+    if variant in ("float16", "gpu_float16"):
         converter.target_spec.supported_types = [tf.float16]
     elif variant == "int8":
         if not calibration:
             raise UserError("--calibration_images: the int8 model needs at least one target training image.")
         converter.representative_dataset = lambda: ([image] for image in calibration)
-        # The uint8 -> float cast at the input and the int32 argmax at the output stay outside the int8 set.
+        # The uint8 -> float cast at the input and the dequantization of the logits at the output stay outside
+        # the int8 set; everything between runs in int8.
         converter.target_spec.supported_ops = [tf.lite.OpsSet.TFLITE_BUILTINS_INT8,
                                                tf.lite.OpsSet.TFLITE_BUILTINS]
 
@@ -148,7 +165,7 @@ def file_sizes(folder):
 
 
 def build_metadata(model_dir, config, checkpoint, saved_model, tflite_size, tflite_variants, calibration_count,
-                   files):
+                   files, mediapipe=False):
     """The `metadata.json` of an export: what a deployment needs to know without the training code.
 
     Args:
@@ -160,6 +177,7 @@ def build_metadata(model_dir, config, checkpoint, saved_model, tflite_size, tfli
         tflite_variants: the TFLite variants exported.
         calibration_count: images the int8 model was calibrated on.
         files: `file_sizes` of the export folder.
+        mediapipe: whether the `.tflite` models carry MediaPipe ImageSegmenter metadata.
     """
     class_set = classes.CLASS_SETS[config["class_set"]]
     target_width, target_height = config["target_size"]
@@ -169,7 +187,8 @@ def build_metadata(model_dir, config, checkpoint, saved_model, tflite_size, tfli
         "palette": [list(colour) for colour in class_set.palette],
         "ignore_train_id": classes.IGNORE_INDEX,
         "preprocessing": (
-            f"RGB uint8 pixels, cast to float32 in [0, 255]; the {config['backbone']} backbone's own "
+            f"RGB pixels, uint8 (float32 in [0, 255] for gpu_float16), cast to float32; the {config['backbone']} "
+            "backbone's own "
             "normalisation is part of the graph, so clients send plain pixels."),
         "saved_model": {
             "path": os.path.join(inference.SAVED_MODEL_SUBDIR, str(SAVED_MODEL_VERSION)),
@@ -181,13 +200,19 @@ def build_metadata(model_dir, config, checkpoint, saved_model, tflite_size, tfli
             "note": "images of any size are resized bilinearly to resized_to (W, H); outputs are at the input size",
         } if saved_model else None,
         "tflite": {
-            "input": {"name": "images", "dtype": "uint8", "shape": [1, tflite_size[1], tflite_size[0], 3]},
             "input_size": list(tflite_size),
             "variants": {variant: {
                 "file": tflite_filename(variant),
-                "outputs": ["labels"] if variant == "int8" else ["labels", "probabilities"],
+                "input": {"name": "images", "dtype": TFLITE_INPUT_DTYPES[variant],
+                          "shape": [1, tflite_size[1], tflite_size[0], 3], "range": [0, 255]},
+                "outputs": {TFLITE_OUTPUT: {"dtype": "float32",
+                                            "shape": [1, tflite_size[1], tflite_size[0], class_set.num_classes]}},
             } for variant in tflite_variants},
+            "note": "one output, the per-class logits at the input size; the train ids are their argmax",
             "calibration_images": calibration_count,
+            "mediapipe_metadata": {"task": "ImageSegmenter", "norm_mean": list(NORM_MEAN),
+                                   "norm_std": list(NORM_STD), "activation": "SOFTMAX",
+                                   "labels": list(class_set.names)} if mediapipe else None,
         } if tflite_variants else None,
         "training_run": {"model_dir": os.path.abspath(model_dir), "config": config},
         "checkpoint": os.path.basename(checkpoint),
@@ -205,7 +230,7 @@ def check_output_dir(output_dir, overwrite):
 
 
 def export(model_dir, output_dir, tflite_size=None, calibration_count=100, formats=FORMATS, overwrite=False,
-           log=print):
+           log=print, mediapipe=None):
     """Exports a training run's newest checkpoint.
 
     Args:
@@ -216,6 +241,8 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
         formats: a subset of `FORMATS`.
         overwrite: replace an existing `output_dir`, once the new export is complete.
         log: where progress lines go.
+        mediapipe: add MediaPipe ImageSegmenter metadata to the `.tflite` models (None: if mediapipe is
+            installed; without it the models are written without and one line says so).
 
     Returns:
         The metadata dict written to `OUTPUT/metadata.json`.
@@ -242,14 +269,24 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
                              os.path.join(staging, inference.SAVED_MODEL_SUBDIR, str(SAVED_MODEL_VERSION)))
             log(f"wrote the SavedModel ({checkpoint})")
         variants = [v for v in TFLITE_VARIANTS if v in formats]
+        if mediapipe is None:
+            mediapipe = mediapipe_metadata.available()
+            if variants and not mediapipe:
+                log("mediapipe is not installed, so the .tflite models carry no MediaPipe metadata "
+                    "(pip install -e \".[deploy]\" adds it); LiteRT runs them either way.")
+        class_names = classes.CLASS_SETS[config["class_set"]].names
         calibration = (calibration_images(config, tflite_size, calibration_count) if "int8" in variants else None)
         for variant in variants:
             flatbuffer = convert_tflite(segmenter, tflite_size, variant, calibration)
+            if mediapipe:
+                flatbuffer = mediapipe_metadata.add_segmenter_metadata(flatbuffer, class_names, NORM_MEAN, NORM_STD,
+                                                                       softmax=True)
             with open(os.path.join(staging, tflite_filename(variant)), "wb") as f:
                 f.write(flatbuffer)
-            log(f"wrote {tflite_filename(variant)} ({len(flatbuffer) / 1e6:.2f} MB)")
+            log(f"wrote {tflite_filename(variant)} ({len(flatbuffer) / 1e6:.2f} MB"
+                f"{', with MediaPipe metadata' if mediapipe else ''})")
         metadata = build_metadata(model_dir, config, checkpoint, SAVED_MODEL in formats, tflite_size, variants,
-                                  len(calibration) if calibration else 0, file_sizes(staging))
+                                  len(calibration) if calibration else 0, file_sizes(staging), mediapipe=mediapipe)
         checkpoints.write_json_atomic(os.path.join(staging, inference.METADATA_FILE), metadata)
         replace_folder(staging, output_dir)
     except BaseException:

@@ -204,28 +204,34 @@ class SavedModelPredictor(Predictor):
 
 
 class TFLitePredictor(Predictor):
-    """A `.tflite` model in LiteRT. Its input size is fixed, so images are resized to it and the output is
-    resized back: the probabilities bilinearly where the model has them (as the SavedModel does with logits),
-    else the labels by nearest neighbour."""
+    """A `.tflite` model in LiteRT. Its input size is fixed, so images are resized to it bilinearly, and its
+    logits are resized back bilinearly before the argmax (as the SavedModel does).
+
+    Reads the export's layout (one `logits` output; uint8 input, or float32 pixels for `gpu_float16`) and the
+    older one (`labels` and, but for int8, `probabilities`).
+    """
 
     kind = "tflite"
 
-    def __init__(self, path, class_set, num_threads=None):
-        from ai_edge_litert.interpreter import Interpreter
+    def __init__(self, path, class_set, num_threads=None, xnnpack=True):
+        from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
         super().__init__(class_set)
+        resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self.interpreter = Interpreter(model_path=path, num_threads=num_threads)
+            self.interpreter = Interpreter(model_path=path, num_threads=num_threads,
+                                           experimental_op_resolver_type=resolver)
         except ValueError as err:
             raise UserError(f"{path}: not a valid .tflite model ({err}).") from None
         self.runner = self.interpreter.get_signature_runner()
         details = self.runner.get_input_details()["images"]
         self.input_height, self.input_width = (int(d) for d in details["shape"][1:3])
+        self.input_dtype = details["dtype"]
         self.outputs = set(self.runner.get_output_details())
 
     def run(self, image):
         """Runs the model on an image already at its input size; returns the dict of outputs (batch of 1)."""
-        return self.runner(images=image[None])
+        return self.runner(images=image[None].astype(self.input_dtype))
 
     def __call__(self, image):
         import tensorflow as tf
@@ -236,22 +242,25 @@ class TFLitePredictor(Predictor):
         if (height, width) != fixed:
             resized = tf.cast(tf.round(tf.image.resize(image, fixed, method="bilinear")), tf.uint8).numpy()
         outputs = self.run(resized)
-        if (height, width) == fixed:
-            return outputs["labels"][0]
-        if "probabilities" in self.outputs:
-            probabilities = tf.image.resize(outputs["probabilities"], (height, width), method="bilinear")
-            return tf.math.argmax(probabilities[0], axis=-1, output_type=tf.int32).numpy()
-        labels = tf.image.resize(outputs["labels"][0][..., None], (height, width), method="nearest")
-        return labels[..., 0].numpy()
+        scores = outputs.get("logits", outputs.get("probabilities"))
+        if scores is None:
+            labels = outputs["labels"][0]
+            if (height, width) == fixed:
+                return labels
+            return tf.image.resize(labels[..., None], (height, width), method="nearest")[..., 0].numpy()
+        if (height, width) != fixed:
+            scores = tf.image.resize(scores, (height, width), method="bilinear").numpy()
+        return np.argmax(scores[0], axis=-1).astype(np.int32)
 
 
-def load_predictor(path, num_threads=None):
+def load_predictor(path, num_threads=None, xnnpack=True):
     """The predictor of a model path.
 
     Args:
         path: a training run folder (with `run.json`), a SavedModel folder (with `saved_model.pb`), an export
             folder (its newest `saved_model/pit/VERSION/` is used) or a `.tflite` file.
         num_threads: LiteRT interpreter threads (None: its default).
+        xnnpack: run `.tflite` models with LiteRT's default XNNPACK delegate (False: its builtin kernels only).
 
     Raises:
         UserError: if the path is none of these.
@@ -259,7 +268,7 @@ def load_predictor(path, num_threads=None):
     from pit_keras import checkpoints
 
     if os.path.isfile(path) and path.endswith(".tflite"):
-        return TFLitePredictor(path, _class_set_of(path), num_threads=num_threads)
+        return TFLitePredictor(path, _class_set_of(path), num_threads=num_threads, xnnpack=xnnpack)
     if os.path.isfile(os.path.join(path, checkpoints.RUN_FILE)):
         return KerasPredictor(path)
     saved_model = path

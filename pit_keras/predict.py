@@ -1,18 +1,22 @@
-"""Segments images with a trained or exported model; writes train-id PNGs and colour overlays.
+"""Segments images or a video with a trained or exported model; writes train-id PNGs and colour overlays.
 
     python -m pit_keras.predict --model=exports/demo --input=photos/ --output_dir=predictions/
+    python -m pit_keras.predict --model=exports/demo/pit_int8.tflite --input=drive.mp4 --output_dir=out/
 
 --model is a training run folder, a SavedModel (a folder with saved_model.pb, or an export folder) or a
-.tflite file (run by LiteRT). For each image NAME it writes NAME_labelTrainIds.png (8-bit train ids, 255 for
-none) and NAME_overlay.png (the Cityscapes palette over the image), both at the image's size.
+.tflite file (run by LiteRT). --input is an image, a folder of images (an image sequence: frames in name
+order) or a video file (.mp4, .avi, .mov, .mkv, .webm, ...; read with OpenCV). For each image NAME it writes
+NAME_labelTrainIds.png (8-bit train ids, 255 for none) and NAME_overlay.png (the Cityscapes palette over the
+image), both at the image's size; for a video NAME it writes NAME_overlay.mp4. It prints the frames per second.
 """
 
 import os
+import time
 
 from absl import flags
 
 from pit_keras import flags as pit_flags
-from pit_keras import inference
+from pit_keras import inference, video
 from pit_keras.errors import UserError, run_main
 
 pit_flags.define_predict_flags()
@@ -29,11 +33,25 @@ def main(argv):
         raise UserError(f"--overlay_alpha={FLAGS.overlay_alpha}: must be in [0, 1].")
     if not os.path.exists(FLAGS.model):
         raise UserError(f"--model={FLAGS.model}: no such file or folder.")
+    if video.is_video(FLAGS.input):
+        # Checked before the model loads, so an unreadable video fails in a second.
+        video.open_video(FLAGS.input)[0].release()
+        predictor = inference.load_predictor(FLAGS.model)
+        output, frames, model_seconds, seconds = video.predict_video(predictor, FLAGS.input, FLAGS.output_dir,
+                                                                    alpha=FLAGS.overlay_alpha)
+        if not frames:
+            raise UserError(f"--input={FLAGS.input}: the video holds no frame OpenCV can decode.")
+        print(f"segmented {frames} frame(s) of {FLAGS.input} with the {predictor.kind} model {FLAGS.model} at "
+              f"{frames / seconds:.1f} frames per second ({frames / model_seconds:.1f} in the model alone); "
+              f"wrote {output}")
+        return
     images = inference.list_images(FLAGS.input)
     predictor = inference.load_predictor(FLAGS.model)
+    start = time.perf_counter()
     inference.predict_files(predictor, images, FLAGS.output_dir, alpha=FLAGS.overlay_alpha)
-    print(f"segmented {len(images)} image(s) with the {predictor.kind} model {FLAGS.model}; "
-          f"wrote label and overlay PNGs to {FLAGS.output_dir}")
+    seconds = time.perf_counter() - start
+    print(f"segmented {len(images)} image(s) with the {predictor.kind} model {FLAGS.model} at "
+          f"{len(images) / seconds:.1f} frames per second; wrote label and overlay PNGs to {FLAGS.output_dir}")
 
 
 if __name__ == "__main__":

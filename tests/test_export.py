@@ -16,7 +16,7 @@ from PIL import Image
 from conftest import REPO
 
 # Pixel agreement with the Keras network's labels each variant must reach.
-MIN_AGREEMENT = {"float32": 0.995, "float16": 0.995, "dynamic_int8": 0.97, "int8": 0.97}
+MIN_AGREEMENT = {"float32": 0.995, "float16": 0.995, "dynamic_int8": 0.97, "int8": 0.97, "gpu_float16": 0.995}
 
 
 def run(module, *args, timeout=300):
@@ -70,7 +70,8 @@ def agreement(predictor, reference, images):
 def test_export_writes_serving_layout_tflite_models_and_metadata(exported, model_dir):
     output, metadata = exported
     assert sorted(os.listdir(output)) == ["metadata.json", "pit_dynamic_int8.tflite", "pit_float16.tflite",
-                                          "pit_float32.tflite", "pit_int8.tflite", "saved_model"]
+                                          "pit_float32.tflite", "pit_gpu_float16.tflite", "pit_int8.tflite",
+                                          "saved_model"]
     assert os.path.isfile(output / "saved_model" / "pit" / "1" / "saved_model.pb")
     assert json.loads((output / "metadata.json").read_text()) == metadata
     assert metadata["classes"][0] == "road" and len(metadata["palette"]) == 19
@@ -129,7 +130,7 @@ def test_saved_model_holds_no_coarse_unit_variables(exported, model_dir):
     assert checkpoints.read_run_config(str(model_dir))["method"] == "pit"
 
 
-@pytest.mark.parametrize("variant", ["float32", "float16", "dynamic_int8", "int8"])
+@pytest.mark.parametrize("variant", ["float32", "float16", "dynamic_int8", "int8", "gpu_float16"])
 def test_tflite_runs_in_litert_and_agrees_with_keras(variant, exported, keras_predictor, target_images):
     from pit_keras import inference
 
@@ -137,10 +138,11 @@ def test_tflite_runs_in_litert_and_agrees_with_keras(variant, exported, keras_pr
     predictor = inference.load_predictor(str(output / f"pit_{variant}.tflite"))
     assert predictor.kind == "tflite"
     details = predictor.runner.get_input_details()["images"]
-    assert list(details["shape"]) == [1, 32, 64, 3] and details["dtype"] == np.uint8
+    assert list(details["shape"]) == [1, 32, 64, 3]
+    assert details["dtype"] == (np.float32 if variant == "gpu_float16" else np.uint8)
     outputs = predictor.run(target_images[0])
-    assert outputs["labels"].shape == (1, 32, 64) and outputs["labels"].dtype == np.int32
-    assert ("probabilities" in outputs) == (variant != "int8")
+    assert list(outputs) == ["logits"]
+    assert outputs["logits"].shape == (1, 32, 64, 19) and outputs["logits"].dtype == np.float32
     ops = {op["op_name"] for op in predictor.interpreter._get_ops_details()}
     assert not [op for op in ops if op.startswith("Flex") or op == "CUSTOM"], ops
     match = agreement(predictor, keras_predictor, target_images)

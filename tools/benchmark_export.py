@@ -1,14 +1,21 @@
 """Benchmarks every deployment format of a training run: file size, latency per image and target val mIoU.
 
     python tools/benchmark_export.py --model_dir=runs/demo --output=runs/demo/benchmark_export.json
+    python tools/benchmark_export.py --backbone=mobilenetv3_large --output=mobilenetv3_large.json
 
-Exports the run (unless --export_dir names an existing export) with .tflite models at --size, then for the
-Keras network, the SavedModel and each .tflite variant measures:
+--model_dir benchmarks a trained run. --backbone instead builds an untrained run folder of that backbone
+(`backbone_weights=none`, no coarse units; with a generated target domain at --size to calibrate the int8
+model) with the library's functions and measures latency only (its mIoU would mean nothing).
+
+Exports the run (unless --export_dir names an existing export) with .tflite models at --size, then measures:
 - size: the model's files on disk (the SavedModel folder, or the .tflite file);
 - latency: median wall time of one --size uint8 image over --repeats runs after --warmup runs, through the same
   predictor `python -m pit_keras.predict` uses (the SavedModel and Keras resize to the run's target_size inside;
-  the .tflite models run the network at their fixed input size);
-- mIoU: on the run's target val split, predictions at label resolution (as pit_keras.evaluate does).
+  the .tflite models run the network at their fixed input size, and the argmax of their logits is taken on the
+  host). Each .tflite variant is timed with every --threads count, with LiteRT's XNNPACK delegate and with its
+  builtin kernels only; Keras and the SavedModel (with --model_dir) with TensorFlow's own threading;
+- mIoU (with --model_dir): on the run's target val split, predictions at label resolution (as
+  pit_keras.evaluate does), for Keras, the SavedModel and each .tflite variant (2 threads, XNNPACK).
 Prints a Markdown table and writes the rows as JSON.
 """
 
@@ -25,7 +32,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from pit_keras import checkpoints, exporting, inference, metrics  # noqa: E402
-from pit_keras.data import classes, datasets  # noqa: E402
+from pit_keras.data import classes, datasets, synthetic  # noqa: E402
+from pit_keras.models.backbones import BACKBONES  # noqa: E402
 
 
 def folder_size(path):
@@ -57,71 +65,125 @@ def evaluate(predictor, pairs, reader, class_set):
     return metrics.summarize(matrix, class_set)["miou"]
 
 
-def benchmark(model_dir, export_dir, size, warmup, repeats, threads, max_images):
-    """The rows of the table: one dict per format."""
+def untrained_run(backbone, size, folder, calibration_count):
+    """A run folder of an untrained `backbone` (no coarse units, `backbone_weights=none`) at `size` (W, H), with a
+    generated Cityscapes-layout target whose `calibration_count` train images calibrate the int8 export."""
+    from pit_keras.models.network import build_network
+
+    root = os.path.join(folder, "benchmark")
+    synthetic.generate(root, num_source=1, num_target_train=calibration_count, num_target_val=1, size=size, seed=0)
+    run_dir = os.path.join(folder, f"untrained_{backbone}")
+    network = build_network(backbone, classes.CITYSCAPES19.num_classes, num_units=0, backbone_weights="none")
+    config = {"backbone": backbone, "backbone_weights": "none", "num_classes": classes.CITYSCAPES19.num_classes,
+              "class_set": classes.CITYSCAPES19.name, "method": "source_only", "lse_r": [], "target": "cityscapes",
+              "target_root": os.path.join(root, "cityscapes"), "target_size": list(size), "untrained": True}
+    checkpoints.check_or_write_run_config(run_dir, config)
+    checkpoints.manager(network, None, run_dir).save(checkpoint_number=0)
+    return run_dir
+
+
+def benchmark(model_dir, export_dir, size, warmup, repeats, threads, max_images, with_miou):
+    """The rows of the table: one dict per format and, for .tflite models, per thread count and kernel set."""
     config = checkpoints.read_run_config(model_dir)
     class_set = classes.CLASS_SETS[config["class_set"]]
-    pairs, reader, _ = datasets.target_pairs(config["target"], config["target_root"], "val", require_labels=True)
-    pairs = pairs[:max_images] if max_images else pairs
+    pairs = reader = None
+    if with_miou:
+        pairs, reader, _ = datasets.target_pairs(config["target"], config["target_root"], "val", require_labels=True)
+        pairs = pairs[:max_images] if max_images else pairs
     image = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     target_size = tuple(config["target_size"])
-    candidates = [("keras (model_dir)", model_dir, None, target_size),
-                  ("saved_model", export_dir, folder_size(os.path.join(export_dir, "saved_model")), target_size)]
+    candidates = []
+    if with_miou:
+        candidates += [("keras (model_dir)", model_dir, None, target_size),
+                       ("saved_model", export_dir, folder_size(os.path.join(export_dir, "saved_model")), target_size)]
     for variant in exporting.TFLITE_VARIANTS:
         path = os.path.join(export_dir, exporting.tflite_filename(variant))
         if os.path.isfile(path):
             candidates.append((f"tflite {variant}", path, os.path.getsize(path), None))
     rows = []
     for name, path, size_bytes, network_size in candidates:
-        predictor = inference.load_predictor(path, num_threads=threads)
-        if network_size is None:
-            network_size = (predictor.input_width, predictor.input_height)
-        row = {"format": name, "size_mb": None if size_bytes is None else size_bytes / 1e6,
-               "network_input": list(network_size),
-               "latency_ms": latency_ms(predictor, image, warmup, repeats),
-               "miou": evaluate(predictor, pairs, reader, class_set), "num_images": len(pairs)}
-        print(f"{name}: {json.dumps(row)}", file=sys.stderr)
-        rows.append(row)
+        settings = [(None, None)] if network_size is not None else [
+            (count, xnnpack) for xnnpack in (True, False) for count in threads]
+        for count, xnnpack in settings:
+            predictor = inference.load_predictor(path, num_threads=count, xnnpack=xnnpack is not False)
+            row = {"backbone": config["backbone"], "format": name,
+                   "size_mb": None if size_bytes is None else size_bytes / 1e6,
+                   "network_input": list(network_size or (predictor.input_width, predictor.input_height)),
+                   "threads": count, "xnnpack": xnnpack,
+                   "latency_ms": latency_ms(predictor, image, warmup, repeats), "miou": None, "num_images": 0}
+            if with_miou and (network_size is not None or (xnnpack and count == max(threads))):
+                row["miou"] = evaluate(predictor, pairs, reader, class_set)
+                row["num_images"] = len(pairs)
+            print(f"{name}: {json.dumps(row)}", file=sys.stderr)
+            rows.append(row)
     return rows
 
 
-def table(rows, size):
-    lines = [f"| format | size (MB) | network input | latency at {size[0]}x{size[1]} (ms, median) | target val mIoU |",
-             "|---|---|---|---|---|"]
+def table(rows, size, threads):
+    """A Markdown table: one line per backbone and format, one latency column per thread count and kernel set."""
+    settings = [(count, xnnpack) for xnnpack in (True, False) for count in threads]
+    columns = [f"{count} thread{'s' if count > 1 else ''}, {'XNNPACK' if xnnpack else 'builtin'}"
+               for count, xnnpack in settings]
+    lines = [f"| backbone | format | size (MB) | network input | TensorFlow | {' | '.join(columns)} | "
+             "target val mIoU |",
+             "|---|---|---|---|---|" + "---|" * len(columns) + "---|"]
+    groups = {}
     for row in rows:
-        size_mb = "-" if row["size_mb"] is None else f"{row['size_mb']:.2f}"
-        lines.append(f"| {row['format']} | {size_mb} | {row['network_input'][0]}x{row['network_input'][1]} | "
-                     f"{row['latency_ms']:.1f} | {row['miou']:.2f} |")
-    return "\n".join(lines)
+        groups.setdefault((row["backbone"], row["format"]), []).append(row)
+    for (backbone, name), group in groups.items():
+        first = group[0]
+        size_mb = "-" if first["size_mb"] is None else f"{first['size_mb']:.2f}"
+        by_setting = {(r["threads"], r["xnnpack"]): r["latency_ms"] for r in group}
+        tf_latency = by_setting.get((None, None))
+        cells = [f"{by_setting[s]:.1f}" if s in by_setting else "-" for s in settings]
+        miou = [r["miou"] for r in group if r["miou"] is not None]
+        lines.append(f"| {backbone} | {name} | {size_mb} | {first['network_input'][0]}x{first['network_input'][1]} | "
+                     f"{'-' if tf_latency is None else f'{tf_latency:.1f}'} | {' | '.join(cells)} | "
+                     f"{f'{miou[0]:.2f}' if miou else '-'} |")
+    return "\n".join(lines) + f"\n\nLatency: median ms of one {size[0]}x{size[1]} image."
 
 
 def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model_dir", required=True, help="The training run folder.")
+    source = parser.add_mutually_exclusive_group(required=True)
+    source.add_argument("--model_dir", help="The training run folder.")
+    source.add_argument("--backbone", help="Benchmark an untrained run of this backbone (latency only).")
     parser.add_argument("--output", required=True, help="Where the JSON rows go.")
     parser.add_argument("--export_dir", help="An existing export of the run (default: export into a temporary "
                         "folder with .tflite models at --size).")
     parser.add_argument("--size", default="1024,512", help="W,H of the latency image and the .tflite input.")
     parser.add_argument("--warmup", type=int, default=3, help="Unmeasured runs before timing.")
     parser.add_argument("--repeats", type=int, default=20, help="Timed runs (the median is reported).")
-    parser.add_argument("--threads", type=int, default=None, help="LiteRT interpreter threads.")
+    parser.add_argument("--threads", default="1,2", help="LiteRT interpreter thread counts, comma-separated.")
     parser.add_argument("--calibration_images", type=int, default=100, help="For the int8 export.")
     parser.add_argument("--max_images", type=int, default=0, help="Evaluate on the first N val images (0: all).")
     args = parser.parse_args()
-    size = tuple(int(v) for v in args.size.split(","))
+    try:
+        size = tuple(int(v) for v in args.size.split(","))
+        threads = tuple(int(v) for v in args.threads.split(","))
+        if len(size) != 2 or min(size) <= 0 or not threads or min(threads) <= 0:
+            raise ValueError
+    except ValueError:
+        parser.error(f"--size={args.size} --threads={args.threads}: expected W,H and a list of positive counts.")
+    if args.backbone and args.backbone not in BACKBONES:
+        parser.error(f"--backbone={args.backbone}: choose from {', '.join(BACKBONES)}.")
     with tempfile.TemporaryDirectory() as scratch:
+        model_dir = args.model_dir or untrained_run(args.backbone, size, scratch, min(args.calibration_images, 4))
         export_dir = args.export_dir
         if export_dir is None:
             export_dir = os.path.join(scratch, "export")
-            exporting.export(args.model_dir, export_dir, tflite_size=size,
-                             calibration_count=args.calibration_images, log=lambda line: print(line, file=sys.stderr))
-        rows = benchmark(args.model_dir, export_dir, size, args.warmup, args.repeats, args.threads,
-                         args.max_images)
-    config = checkpoints.read_run_config(args.model_dir)
-    metrics.write_json({"model_dir": os.path.abspath(args.model_dir), "backbone": config["backbone"],
-                        "target_size": config["target_size"], "latency_size": list(size),
-                        "cpu_count": os.cpu_count(), "rows": rows}, args.output)
-    print(table(rows, size))
+            formats = exporting.FORMATS if args.model_dir else exporting.TFLITE_VARIANTS
+            exporting.export(model_dir, export_dir, tflite_size=size, calibration_count=args.calibration_images,
+                             formats=formats, log=lambda line: print(line, file=sys.stderr))
+        rows = benchmark(model_dir, export_dir, size, args.warmup, args.repeats, threads, args.max_images,
+                         with_miou=bool(args.model_dir))
+        config = checkpoints.read_run_config(model_dir)
+    metrics.write_json({"model_dir": os.path.abspath(args.model_dir) if args.model_dir else None,
+                        "backbone": config["backbone"], "untrained": bool(args.backbone),
+                        "target_size": config["target_size"], "latency_size": list(size), "threads": list(threads),
+                        "warmup": args.warmup, "repeats": args.repeats, "cpu_count": os.cpu_count(),
+                        "rows": rows}, args.output)
+    print(table(rows, size, threads))
     return 0
 
 
