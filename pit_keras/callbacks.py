@@ -11,7 +11,7 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pit_keras import atomic, visualize
+from pit_keras import atomic, self_training, visualize
 from pit_keras.errors import Diverged, Interrupted, UserError
 from pit_keras.models.network import interaction_weights
 
@@ -221,6 +221,14 @@ class TensorBoardLogger(keras.callbacks.Callback):
         if labels is not None:
             tf.summary.image(f"{domain}/label", visualize.colorize(labels, self.class_set))
         tf.summary.image(f"{domain}/prediction", visualize.colorize(prediction, self.class_set))
+        teacher = getattr(self.model, "teacher", None)
+        if labels is None and teacher is not None:
+            # What the student learns on target: the teacher's pseudo-labels, and where they are confident.
+            probabilities = self_training.teacher_probabilities(teacher, tf.convert_to_tensor(images, tf.float32),
+                                                                self.model.self_training.flip).numpy()
+            tf.summary.image(f"{domain}/pseudo_label", visualize.colorize(probabilities.argmax(-1), self.class_set))
+            confident = probabilities.max(-1) >= self.model.self_training.threshold
+            tf.summary.image(f"{domain}/pseudo_label_confident", visualize.heatmap(confident.astype(np.float32)))
         for k in range(len(self.model.lse_r)):
             cam = outputs[f"cam_{k}"].numpy()
             # Each unit's map: its own per-pixel class decision, and how strongly it fires at all.

@@ -36,11 +36,16 @@ def check_or_write_run_config(model_dir, config):
     write_json_atomic(path, config)
 
 
-def manager(network, optimizer, model_dir, max_to_keep=3, folder="checkpoints"):
-    """A `tf.train.CheckpointManager` over the network and the optimizer under `MODEL_DIR/folder`
-    ("checkpoints" for the newest ones, "best" for the best on target val, without the optimizer)."""
-    checkpoint = (tf.train.Checkpoint(network=network) if optimizer is None
-                  else tf.train.Checkpoint(network=network, optimizer=optimizer))
+def _checkpoint(network, optimizer=None, teacher=None):
+    objects = {"network": network, "optimizer": optimizer, "teacher": teacher}
+    return tf.train.Checkpoint(**{name: value for name, value in objects.items() if value is not None})
+
+
+def manager(network, optimizer, model_dir, max_to_keep=3, folder="checkpoints", teacher=None):
+    """A `tf.train.CheckpointManager` over the network, the optimizer and the self-training teacher (if any)
+    under `MODEL_DIR/folder` ("checkpoints" for the newest ones, "best" for the best on target val, network
+    only)."""
+    checkpoint = _checkpoint(network, optimizer, teacher)
     return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, folder), max_to_keep=max_to_keep,
                                       checkpoint_name="ckpt")
 
@@ -57,7 +62,7 @@ def _newest_first(model_dir):
     return list(reversed(state.all_model_checkpoint_paths)) or [state.model_checkpoint_path]
 
 
-def restore_latest(network, optimizer, model_dir):
+def restore_latest(network, optimizer, model_dir, teacher=None):
     """Restores network and optimizer from the newest readable checkpoint of `model_dir` and returns its path
     (None for a fresh run).
 
@@ -67,7 +72,7 @@ def restore_latest(network, optimizer, model_dir):
     candidates = _newest_first(model_dir)
     for path in candidates:
         try:
-            tf.train.Checkpoint(network=network, optimizer=optimizer).restore(path).assert_existing_objects_matched()
+            _checkpoint(network, optimizer, teacher).restore(path).assert_existing_objects_matched()
             return path
         except Exception as err:  # noqa: BLE001 -- a damaged file fails in many ways (IndexError, DataLoss, ...)
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

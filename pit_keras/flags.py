@@ -19,6 +19,9 @@ def define_data_flags():
     flags.DEFINE_enum("target", "cityscapes", ["cityscapes", "synthetic"], "Target dataset (unlabelled).")
     flags.DEFINE_string("target_root", None, "Target dataset root (for synthetic: the benchmark folder).")
     flags.DEFINE_string("target_size", "1024,512", "Target images are resized to W,H.")
+    flags.DEFINE_integer("benchmark_seed", None, "For synthetic data: the generator seed of the embedded "
+                         "benchmark made on first use (default 0; a benchmark already at the root is taken as "
+                         "it is unless this is set).")
 
 
 def define_model_flags():
@@ -34,20 +37,51 @@ def define_train_flags():
     flags.DEFINE_string("model_dir", None, "Run folder: checkpoints, TensorBoard events, results.")
     flags.DEFINE_string("source_size", "1280,640", "Source images are resized to W,H.")
     flags.DEFINE_enum("method", "pit", ["pit", "source_only", "minent"], "Training method.")
-    flags.DEFINE_boolean("lse_normalize", False, "Divide the LSE pooling by r (Eq. 1 as printed does not).")
+    flags.DEFINE_boolean("lse_normalize", True, "Divide the LSE pooling by r (Pinheiro & Collobert's form, under "
+                         "which r changes what a unit computes; --nolse_normalize: Eq. 1 as printed, where r only "
+                         "rescales the head; docs/method.md).")
     flags.DEFINE_float("lambda_c", 0.5, "Weight of the image-level loss L_c.")
     flags.DEFINE_float("lambda_r", 0.5, "Weight of the reconstruction loss L_r.")
     flags.DEFINE_float("lambda_ent", 0.001, "Weight of the target entropy (minent).")
     flags.DEFINE_list("recon_domains", ["source", "target"], "Domains the reconstruction loss L_r covers.")
     flags.DEFINE_enum("loss_resolution", "feature", ["feature", "input"],
                       "Compute L_c and L_r on the logits before (feature) or after (input) upsampling.")
-    flags.DEFINE_float("interaction_lr_multiplier", 0.01, "Learning-rate multiplier of the w^k.")
-    flags.DEFINE_enum("image_loss_reduction", "sum", ["sum", "mean"],
-                      "Reduce the image-level BCE over classes by sum (the paper's L_c as written) or mean "
-                      "(PyTorch's BCEWithLogitsLoss default: lambda_c / C).")
+    flags.DEFINE_float("interaction_lr_multiplier", 1.0, "Learning rate of the w^k relative to the heads' "
+                       "(below 1 tames them at large learning rates; docs/method.md).")
+    flags.DEFINE_enum("recon_stop_gradient", "none", ["none", "fine", "coarse"],
+                      "L_r trains both branches (none, the paper), only the coarse units and w^k (fine: the fine "
+                      "map is held fixed) or only the fine branch (coarse).")
+    flags.DEFINE_enum("recon_space", "logits", ["logits", "probabilities"],
+                      "L_r compares the maps as logits (the paper's S) or as per-pixel class probabilities.")
+    flags.DEFINE_float("head_lr_multiplier", 1.0, "Learning rate of the new layers (fine and coarse heads, w^k) "
+                       "relative to the backbone's (DeepLab practice: 10).")
+    flags.DEFINE_enum("image_loss_reduction", "mean", ["sum", "mean"],
+                      "Reduce the image-level BCE over classes by mean (PyTorch's BCEWithLogitsLoss default: "
+                      "lambda_c / C; measured better in every setting, docs/results.md) or sum (the paper's L_c "
+                      "as written).")
     flags.DEFINE_string("image_labels", None,
-                        "Target image-level labels: a JSON file (python -m pit_keras.image_labels) or "
+                        "Target image-level labels: teacher (the self-training teacher's class shares, no target "
+                        "label read; needs --self_training), a JSON file (python -m pit_keras.image_labels) or "
                         "ground_truth (the weakly supervised setting). Required by pit.")
+    flags.DEFINE_enum("image_label_kind", "shares", ["shares", "presence"],
+                      "What L_c learns on both domains: each class's share of the image, or its presence (1 if "
+                      "present: the paper's Table 5 weak labels).")
+    flags.DEFINE_boolean("self_training", False, "Self-training with an EMA teacher, confidence-weighted "
+                         "pseudo-labels and ClassMix (DACS), on top of any --method.")
+    flags.DEFINE_float("lambda_st", 1.0, "Weight of the self-training term.")
+    flags.DEFINE_float("st_ema", 0.99, "EMA coefficient of the self-training teacher.")
+    flags.DEFINE_float("st_threshold", 0.968, "Top probability a pseudo-labelled pixel needs to count towards "
+                       "its image's confidence weight.")
+    flags.DEFINE_enum("st_teacher_bn", "target_batch", ["target_batch", "running"],
+                      "The teacher normalises each target batch with that batch's BatchNorm statistics, or with "
+                      "its running statistics (which mix the domains).")
+    flags.DEFINE_boolean("st_classmix", True, "ClassMix: paste half of each source image's classes onto a "
+                         "target image; off: learn the target image against its pseudo-labels.")
+    flags.DEFINE_integer("st_start", 0, "Source warm-up steps before self-training (and teacher image labels) "
+                         "switch on.")
+    flags.DEFINE_integer("st_ramp", 0, "Steps over which self-training then ramps to full weight.")
+    flags.DEFINE_boolean("st_flip", False, "Average the teacher's prediction with the one on the mirrored "
+                         "image.")
     flags.DEFINE_integer("batch_size", 4, "Global batch size per domain.")
     flags.DEFINE_integer("num_steps", 200000, "Training steps.")
     flags.DEFINE_float("learning_rate", 2.5e-5, "Initial learning rate (SGD, polynomial decay).")
@@ -152,12 +186,16 @@ def parse_floats(name, values):
 
 
 def dataset_root(name, value):
-    """The root of a dataset flag (`source_root`/`target_root`), with `~` expanded; the benchmark by default."""
+    """The root of a dataset flag (`source_root`/`target_root`), with `~` expanded; the benchmark by default
+    (`DEFAULT_BENCHMARK_ROOT`, or `DEFAULT_BENCHMARK_ROOT_seedN` for `--benchmark_seed=N`)."""
     if value is None:
         dataset = FLAGS[name.replace("_root", "")].value
         if dataset != "synthetic":
             raise UserError(f"--{name} is required for --{name.replace('_root', '')}={dataset}.")
         value = DEFAULT_BENCHMARK_ROOT
+        seed = FLAGS["benchmark_seed"].value if "benchmark_seed" in FLAGS else None
+        if seed:  # another generator seed: another folder
+            value = f"{DEFAULT_BENCHMARK_ROOT}_seed{seed}"
     return os.path.expanduser(value)
 
 

@@ -93,15 +93,37 @@ def pixel_cross_entropy(labels, logits, ignore_index=IGNORE_INDEX):
     return tf.math.divide_no_nan(tf.reduce_sum(per_pixel * mask, axis=[1, 2]), tf.reduce_sum(mask, axis=[1, 2]))
 
 
-def image_level_bce(soft_labels, image_logits, reduction="sum"):
+def weighted_pixel_cross_entropy(labels, logits, weights, ignore_index=IGNORE_INDEX):
+    """Pixel-wise softmax cross-entropy with a weight per pixel (self-training's pseudo-label confidence), per
+    image: the mean of `weight * CE` over the image's labelled pixels, as DACS and DAFormer average it.
+
+    Args:
+        labels: `[B, H, W]` integer train ids; `ignore_index` (and ids >= C) carry no loss.
+        logits: `[B, H, W, C]` logits at label resolution.
+        weights: `[B, H, W]` float weights.
+
+    Returns:
+        `[B]` weighted mean cross-entropy.
+    """
+    num_classes = tf.shape(logits)[-1]
+    labels = tf.cast(labels, tf.int32)
+    valid = tf.logical_and(labels != ignore_index, labels < num_classes)
+    per_pixel = tf.nn.sparse_softmax_cross_entropy_with_logits(
+        labels=tf.where(valid, labels, 0), logits=tf.cast(logits, tf.float32))
+    mask = tf.cast(valid, tf.float32)
+    weighted = per_pixel * mask * tf.cast(weights, tf.float32)
+    return tf.math.divide_no_nan(tf.reduce_sum(weighted, axis=[1, 2]), tf.reduce_sum(mask, axis=[1, 2]))
+
+
+def image_level_bce(soft_labels, image_logits, reduction="mean"):
     """Soft-label binary cross-entropy L_img between image-level labels and sigmoid(s^k), per image.
 
     Args:
         soft_labels: `[B, C]` targets in [0, 1] (class shares).
         image_logits: `[B, C]` LSE-pooled logits s^k.
-        reduction: "sum" over classes, as the paper's L_c is written (the trainer sums over units k), or "mean"
-            over classes, as a PyTorch `BCEWithLogitsLoss` with its default reduction computes it: the same
-            loss with lambda_c divided by C.
+        reduction: "mean" over classes (the default), as a PyTorch `BCEWithLogitsLoss` with its default
+            reduction computes it, or "sum" over classes, as the paper's L_c is written (the trainer sums over
+            units k): the same loss with lambda_c multiplied by C.
 
     Returns:
         `[B]` cross-entropy summed or averaged over classes.

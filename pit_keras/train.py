@@ -22,6 +22,14 @@ def parse_config():
         raise UserError("--method=pit needs --image_labels (a JSON file of target image labels, or ground_truth).")
     if FLAGS.method != "pit" and FLAGS.image_labels:
         raise UserError(f"--image_labels is only used by --method=pit, not --method={FLAGS.method}.")
+    if FLAGS.image_labels == "teacher" and not FLAGS.self_training:
+        raise UserError("--image_labels=teacher needs --self_training (the teacher estimates the labels).")
+    for name, low, high in (("st_ema", 0.0, 1.0), ("st_threshold", 0.0, 1.0)):
+        if not low <= FLAGS[name].value <= high:
+            raise UserError(f"--{name}={FLAGS[name].value}: must be between {low} and {high}.")
+    for name in ("st_start", "st_ramp"):
+        if FLAGS[name].value < 0:
+            raise UserError(f"--{name}={FLAGS[name].value}: must be 0 or more.")
     for name in ("batch_size", "num_steps", "log_every", "cpu_replicas"):
         if FLAGS[name].value <= 0:
             raise UserError(f"--{name}={FLAGS[name].value}: must be positive.")
@@ -40,7 +48,12 @@ def parse_config():
         "lambda_c": FLAGS.lambda_c, "lambda_r": FLAGS.lambda_r, "lambda_ent": FLAGS.lambda_ent,
         "recon_domains": list(FLAGS.recon_domains), "loss_resolution": FLAGS.loss_resolution,
         "interaction_lr_multiplier": FLAGS.interaction_lr_multiplier, "image_labels": FLAGS.image_labels,
-        "image_loss_reduction": FLAGS.image_loss_reduction,
+        "image_loss_reduction": FLAGS.image_loss_reduction, "head_lr_multiplier": FLAGS.head_lr_multiplier, "benchmark_seed": FLAGS.benchmark_seed,
+        "recon_stop_gradient": FLAGS.recon_stop_gradient, "recon_space": FLAGS.recon_space,
+        "image_label_kind": FLAGS.image_label_kind, "self_training": FLAGS.self_training,
+        "lambda_st": FLAGS.lambda_st, "st_ema": FLAGS.st_ema, "st_threshold": FLAGS.st_threshold,
+        "st_teacher_bn": FLAGS.st_teacher_bn, "st_classmix": FLAGS.st_classmix, "st_start": FLAGS.st_start,
+        "st_ramp": FLAGS.st_ramp, "st_flip": FLAGS.st_flip,
         "batch_size": FLAGS.batch_size, "num_steps": FLAGS.num_steps, "learning_rate": FLAGS.learning_rate,
         "momentum": FLAGS.momentum, "weight_decay": FLAGS.weight_decay, "poly_power": FLAGS.poly_power,
         "seed": FLAGS.seed, "strategy": FLAGS.strategy, "cpu_replicas": FLAGS.cpu_replicas,

@@ -10,19 +10,56 @@ A method is a set of weighted loss terms, named by term and domain as they are l
 | `rec_src` | reconstruction of S by sum_k w^k S^k on source (L_r)        | lambda_r    | pit            |
 | `rec_trg` | the same on target                                          | lambda_r    | pit            |
 | `ent_trg` | ADVENT's entropy of the fine prediction on target           | lambda_ent  | minent         |
+| `st_trg`  | self-training: weighted cross-entropy of the student on the ClassMix image against the mixed label (source label, teacher pseudo-label on target) | lambda_st x ramp | any, with `self_training` |
+
+With self-training, `st_confident` reports the mean confidence weight of the pseudo-labels (not a loss), and
+PIT may take its target image labels from the teacher (`image_labels_from_teacher`): the class shares of the
+teacher's soft predictions on each target batch, ramped in with the self-training term.
 
 The step is pure (no logging, images or host syncs); callbacks do the rest.
 """
+import dataclasses
 
 import keras
 import tensorflow as tf
 
-from pit_keras import losses
-from pit_keras.models.network import interaction_weights
+from pit_keras import losses, self_training
+from pit_keras.models.network import head_variables, interaction_weights
 
 METHODS = ("pit", "source_only", "minent")
 DOMAINS = ("source", "target")
 LOSS_RESOLUTIONS = ("feature", "input")
+RECON_STOP_GRADIENTS = ("none", "fine", "coarse")
+RECON_SPACES = ("logits", "probabilities")
+IMAGE_LABEL_KINDS = ("shares", "presence")
+
+
+@dataclasses.dataclass(frozen=True)
+class SelfTraining:
+    """Self-training settings (`self_training.py`).
+
+    Args:
+        weight: lambda_st, the weight of the self-training term once ramped in.
+        ema: the teacher's EMA coefficient.
+        threshold: the top probability a pseudo-labelled pixel needs to count as confident.
+        teacher_bn: "target_batch" or "running" (`self_training.TEACHER_BN`).
+        classmix: paste half of each source image's classes onto its target image; off, the student learns
+            the target image itself against the pseudo-labels.
+        start: steps of source warm-up before the term (and teacher image labels) switch on.
+        ramp: steps over which they then ramp from 0 to full weight.
+        flip: average the teacher's prediction with the one on the mirrored image.
+        seed: seed of the ClassMix class draws.
+    """
+
+    weight: float = 1.0
+    ema: float = 0.99
+    threshold: float = 0.968
+    teacher_bn: str = "target_batch"
+    classmix: bool = True
+    start: int = 0
+    ramp: int = 0
+    flip: bool = False
+    seed: int = 0
 
 
 class PITTrainer(keras.Model):
@@ -36,7 +73,7 @@ class PITTrainer(keras.Model):
         num_classes: C.
         method: one of `METHODS`.
         lse_r: the r^k of the K coarse units (one per unit of the network).
-        lse_normalize: divide the LSE pooling by r (off: Eq. 1 as printed).
+        lse_normalize: divide the LSE pooling by r (the default; off: Eq. 1 as printed, docs/method.md).
         lambda_c: weight of the image-level loss L_c.
         lambda_r: weight of the reconstruction loss L_r.
         lambda_ent: weight of the target entropy (MinEnt).
@@ -44,20 +81,40 @@ class PITTrainer(keras.Model):
         loss_resolution: "feature" computes L_c and L_r on the coarse and fine logits before upsampling
             (bilinear upsampling is linear, the result differs only by interpolation, at a fraction of the
             cost); "input" computes them on the upsampled maps. L_f is always at label resolution.
-        interaction_lr_multiplier: scales the gradient of the w^k (with SGD, their learning rate): at a
-            demo-size learning rate, full-rate w^k swing wildly and make L_r blow up (DESIGN.md section 6).
-        image_loss_reduction: "sum" the image-level BCE over classes (the paper's L_c as written) or take its
-            "mean" (PyTorch's BCEWithLogitsLoss default; the same as lambda_c / C). See README.
+        interaction_lr_multiplier: the w^k's learning rate relative to the heads' (with SGD: a gradient scale);
+            below 1 it tames the w^k at large learning rates (docs/method.md).
+        image_loss_reduction: "mean" the image-level BCE over classes (the default; PyTorch's BCEWithLogitsLoss
+            reduction, the same as lambda_c / C) or "sum" it (the paper's L_c as written). See docs/method.md.
+        head_lr_multiplier: scales the gradient (with SGD, the learning rate) of the new layers: the fine and
+            coarse heads and the w^k, as DeepLab practice trains its classifier at 10x the backbone's rate.
+        image_label_kind: "shares" (each class's share of the image) or "presence" (1 where a class is
+            present, the paper's Table 5 weak labels), for both domains' L_c.
+        self_training: a `SelfTraining`, or None.
+        image_labels_from_teacher: PIT's target image labels are the teacher's class shares (needs
+            self_training); the batches' `target_image_labels` are then not read.
+        recon_stop_gradient: "none" (the paper), "fine" (L_r trains the coarse units and w^k towards the fine
+            map) or "coarse" (L_r trains the fine branch towards the units' reconstruction).
+        recon_space: L_r on "logits" (the paper's S) or on "probabilities" (softmax of each map).
     """
 
-    def __init__(self, network, num_classes, method="pit", lse_r=(0.5, 1.0, 1.5), lse_normalize=False,
+    def __init__(self, network, num_classes, method="pit", lse_r=(0.5, 1.0, 1.5), lse_normalize=True,
                  lambda_c=0.5, lambda_r=0.5, lambda_ent=0.001, recon_domains=DOMAINS,
-                 loss_resolution="feature", interaction_lr_multiplier=0.01, image_loss_reduction="sum", **kwargs):
+                 loss_resolution="feature", interaction_lr_multiplier=1.0, image_loss_reduction="mean",
+                 head_lr_multiplier=1.0, image_label_kind="shares", self_training=None,
+                 image_labels_from_teacher=False, recon_stop_gradient="none", recon_space="logits", **kwargs):
         super().__init__(**kwargs)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
         if loss_resolution not in LOSS_RESOLUTIONS:
             raise ValueError(f"loss_resolution must be one of {LOSS_RESOLUTIONS}, got {loss_resolution!r}")
+        if image_label_kind not in IMAGE_LABEL_KINDS:
+            raise ValueError(f"image_label_kind must be one of {IMAGE_LABEL_KINDS}, got {image_label_kind!r}")
+        if recon_stop_gradient not in RECON_STOP_GRADIENTS:
+            raise ValueError(f"recon_stop_gradient must be one of {RECON_STOP_GRADIENTS}, got {recon_stop_gradient!r}")
+        if recon_space not in RECON_SPACES:
+            raise ValueError(f"recon_space must be one of {RECON_SPACES}, got {recon_space!r}")
+        if image_labels_from_teacher and self_training is None:
+            raise ValueError("image_labels_from_teacher needs self_training")
         unknown = set(recon_domains) - set(DOMAINS)
         if unknown:
             raise ValueError(f"recon_domains must be among {DOMAINS}, got {sorted(unknown)}")
@@ -70,8 +127,39 @@ class PITTrainer(keras.Model):
         self.loss_resolution = loss_resolution
         self.interaction_lr_multiplier = interaction_lr_multiplier
         self.image_loss_reduction = image_loss_reduction
+        self.head_lr_multiplier = float(head_lr_multiplier)
+        self.recon_stop_gradient = recon_stop_gradient
+        self.recon_space = recon_space
+        self.image_label_kind = image_label_kind
+        self.self_training = self_training
+        self.image_labels_from_teacher = image_labels_from_teacher and method == "pit"
+        # Built by `build_teacher` inside the strategy's scope, after the network.
+        self.teacher = None
         self.term_weights = self._term_weights(lambda_c, lambda_r, lambda_ent, tuple(recon_domains))
-        self.trackers = {name: keras.metrics.Mean(name=name) for name in ("loss", *self.term_weights)}
+        names = ("loss", *self.term_weights) + (("st_confident",) if self_training else ())
+        self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
+        self._gradient_scales = self._lr_multipliers()
+
+    def build_teacher(self):
+        """Creates the EMA teacher's variables from the network's current ones (call in the strategy scope)."""
+        if self.self_training is not None and self.teacher is None:
+            self.teacher = self_training.EMATeacher(self.network, self.self_training.ema,
+                                                    self.self_training.teacher_bn)
+        return self.teacher
+
+    def _lr_multipliers(self):
+        """`{variable path: gradient scale}` for the variables that do not learn at the base rate."""
+        scales = {}
+        if self.head_lr_multiplier != 1.0:
+            scales.update({v.path: self.head_lr_multiplier for v in head_variables(self.network)})
+        if self.method == "pit":
+            w = interaction_weights(self.network)
+            scales[w.path] = self.head_lr_multiplier * self.interaction_lr_multiplier
+        return {path: scale for path, scale in scales.items() if scale != 1.0}
+
+    def learning_rate_multiplier(self, variable):
+        """How many times the base learning rate `variable` learns at (with SGD)."""
+        return self._gradient_scales.get(variable.path, 1.0)
 
     def _term_weights(self, lambda_c, lambda_r, lambda_ent, recon_domains):
         weights = {"seg_src": 1.0}
@@ -83,13 +171,15 @@ class PITTrainer(keras.Model):
                            rec_trg=lambda_r if "target" in recon_domains else 0.0)
         elif self.method == "minent":
             weights["ent_trg"] = lambda_ent
+        if self.self_training is not None:
+            weights["st_trg"] = self.self_training.weight
         # A term with zero weight is neither computed nor logged.
         return {name: float(w) for name, w in weights.items() if w}
 
     @property
     def uses_target(self):
         """Whether target batches go through the network (source-only never touches them)."""
-        return self.method != "source_only"
+        return self.method != "source_only" or self.self_training is not None
 
     @property
     def metrics(self):
@@ -115,23 +205,84 @@ class PITTrainer(keras.Model):
                                        self.image_loss_reduction)
                 for cam, r in zip(cams, self.lse_r)])
         if f"rec_{tag}" in self.term_weights:
+            # Which branch teaches which: a stop-gradient on one side makes L_r train only the other.
+            if self.recon_stop_gradient == "fine":
+                seg = tf.stop_gradient(seg)
+            elif self.recon_stop_gradient == "coarse":
+                cams = [tf.stop_gradient(cam) for cam in cams]
+            if self.recon_space == "probabilities":
+                cams = [tf.nn.softmax(tf.cast(cam, tf.float32), axis=-1) for cam in cams]
+                seg = tf.nn.softmax(tf.cast(seg, tf.float32), axis=-1)
             terms[f"rec_{tag}"] = losses.reconstruction_loss(cams, interaction_weights(self.network), seg)
         return terms
 
-    def compute_terms(self, batch, training=False):
-        """The per-image loss terms of a batch: `{name: [B] float32}` for every term with a non-zero weight."""
+    def _image_labels(self, shares):
+        if self.image_label_kind == "presence":
+            return tf.cast(shares > 0.0, tf.float32)
+        return shares
+
+    def compute_terms(self, batch, training=False, step=None):
+        """The per-image loss terms of a batch: `{name: [B] float32}` for every term with a non-zero weight,
+        plus `st_confident` with self-training. `step` (the optimizer's step, for the ClassMix draws) defaults
+        to the optimizer's iterations."""
         source = self.network(batch["source_image"], training=training)
         terms = {"seg_src": losses.pixel_cross_entropy(batch["source_label"], source["seg"])}
         if not self.uses_target:
             return terms
-        target = self.network(batch["target_image"], training=training)
+        teacher_probabilities = None
+        if self.self_training is not None:
+            teacher_probabilities = self_training.teacher_probabilities(
+                self.teacher, batch["target_image"], self.self_training.flip)
+        if self.method != "source_only":
+            target = self.network(batch["target_image"], training=training)
         if self.method == "pit":
-            source_labels = losses.image_level_labels(batch["source_label"], self.num_classes)
+            source_labels = self._image_labels(losses.image_level_labels(batch["source_label"], self.num_classes))
             terms.update(self._pit_terms(source, source_labels, "source"))
-            terms.update(self._pit_terms(target, batch["target_image_labels"], "target"))
+            if self.image_labels_from_teacher:
+                # Class shares of the teacher's soft prediction; presence: the classes it predicts anywhere.
+                shares = self_training.class_shares(teacher_probabilities)
+                if self.image_label_kind == "presence":
+                    hard = tf.one_hot(tf.argmax(teacher_probabilities, axis=-1), self.num_classes)
+                    shares = tf.reduce_mean(hard, axis=[1, 2])
+                target_labels = self._image_labels(shares)
+            else:
+                target_labels = self._image_labels(batch["target_image_labels"])
+            terms.update(self._pit_terms(target, target_labels, "target"))
         elif "ent_trg" in self.term_weights:  # lambda_ent = 0 keeps the target's BatchNorm statistics only
             terms["ent_trg"] = losses.entropy_loss(target["seg"])
+        if self.self_training is not None:
+            terms.update(self._self_training_terms(batch, teacher_probabilities, training, step))
         return terms
+
+    def _self_training_terms(self, batch, probabilities, training, step):
+        config = self.self_training
+        pseudo, confidence = self_training.pseudo_labels(probabilities, config.threshold)
+        target_image = batch["target_image"]
+        size = tf.shape(target_image)[1:3]
+        weight = tf.broadcast_to(confidence[:, None, None], tf.shape(pseudo))
+        if config.classmix:
+            # ClassMix at the target's size: the source image and label are resized to it if they differ.
+            source_image = tf.image.resize(tf.cast(batch["source_image"], tf.float32), size)
+            source_label = tf.cast(tf.image.resize(batch["source_label"][..., None], size, method="nearest")[..., 0],
+                                   tf.int32)
+            step = self.optimizer.iterations if step is None else step
+            keys = self_training.global_example_keys(config.seed, step, tf.shape(source_label)[0],
+                                                     self.num_classes)
+            mask = self_training.classmix_masks(source_label, keys, self.num_classes)
+            image = self_training.mix(mask, source_image, tf.cast(target_image, tf.float32))
+            label = tf.where(mask, source_label, pseudo)
+            weight = tf.where(mask, 1.0, weight)
+        else:
+            image, label = target_image, pseudo
+        student = self.network(image, training=training)
+        return {"st_trg": losses.weighted_pixel_cross_entropy(label, student["seg"], weight),
+                "st_confident": confidence}
+
+    def _dynamic_scale(self, name):
+        """The ramp of the self-training term and of teacher image labels at the current step."""
+        if self.self_training is None or not (name == "st_trg" or (name == "img_trg" and self.image_labels_from_teacher)):
+            return 1.0
+        return self_training.ramp(self.optimizer.iterations, self.self_training.start, self.self_training.ramp)
 
     def train_step(self, batch):
         with tf.GradientTape() as tape:
@@ -139,16 +290,18 @@ class PITTrainer(keras.Model):
             # Each term is reduced once, over the global batch: under a distribution strategy every replica
             # divides by the global batch size and the optimizer sums the replicas' gradients.
             means = {name: tf.nn.compute_average_loss(value) for name, value in terms.items()}
-            total = tf.add_n([self.term_weights[name] * mean for name, mean in means.items()])
+            total = tf.add_n([self.term_weights[name] * self._dynamic_scale(name) * mean
+                              for name, mean in means.items() if name in self.term_weights])
             # Under mixed_float16 the optimizer is a LossScaleOptimizer: scale here, it unscales in apply.
             scaled = self.optimizer.scale_loss(total)
         variables = self.network.trainable_variables
         gradients = tape.gradient(scaled, variables)
-        if self.interaction_lr_multiplier != 1.0 and self.method == "pit":
-            w_path = interaction_weights(self.network).path
-            gradients = [g * self.interaction_lr_multiplier if g is not None and v.path == w_path else g
-                         for g, v in zip(gradients, variables)]
+        if self._gradient_scales:
+            gradients = [g * self._gradient_scales[v.path] if g is not None and v.path in self._gradient_scales
+                         else g for g, v in zip(gradients, variables)]
         self.optimizer.apply_gradients(zip(gradients, variables))
+        if self.teacher is not None:
+            self.teacher.update(self.optimizer.iterations)
         # The trackers report each replica's own mean; Keras averages them across replicas.
         replicas = tf.distribute.get_strategy().num_replicas_in_sync
         self.trackers["loss"].update_state(total * replicas)

@@ -19,25 +19,46 @@ from pit_keras.data import classes, datasets, integrity, pipeline, soft_labels
 from pit_keras.data.cityscapes import relative_key
 from pit_keras.errors import UserError
 from pit_keras.models.network import build_network, interaction_weights
-from pit_keras.trainer import PITTrainer
+from pit_keras.trainer import PITTrainer, SelfTraining
+
+TEACHER_LABELS = "teacher"  # --image_labels value: PIT's target image labels from the self-training teacher
 
 
 def target_image_labels(config, target_pairs, reader, target_root):
     """`[N, C]` image-level labels of the target training images, from JSON or ground truth."""
+    if config["image_labels"] == TEACHER_LABELS:  # computed in the training step
+        return np.zeros((len(target_pairs), config["num_classes"]), np.float32)
     if config["image_labels"] == "ground_truth":
         return soft_labels.from_ground_truth([l for _, l in target_pairs], reader, config["num_classes"])
     keys = [relative_key(target_root, image) for image, _ in target_pairs]
     return soft_labels.load_json(os.path.expanduser(config["image_labels"]), keys, config["num_classes"])
 
 
+def self_training_settings(config):
+    """The run's `SelfTraining`, or None without `self_training`."""
+    if not config.get("self_training"):
+        return None
+    return SelfTraining(weight=config["lambda_st"], ema=config["st_ema"], threshold=config["st_threshold"],
+                        teacher_bn=config["st_teacher_bn"], classmix=config["st_classmix"],
+                        start=config["st_start"], ramp=config["st_ramp"], flip=config["st_flip"],
+                        seed=config["seed"])
+
+
 def build_trainer(config, network):
-    """The trainer and its compiled SGD optimizer (poly decay over `num_steps`)."""
+    """The trainer (with its EMA teacher, for self-training) and its compiled SGD optimizer (poly decay over
+    `num_steps`). Call inside the strategy's scope."""
     trainer = PITTrainer(
         network, config["num_classes"], method=config["method"], lse_r=config["lse_r"],
         lse_normalize=config["lse_normalize"], lambda_c=config["lambda_c"], lambda_r=config["lambda_r"],
         lambda_ent=config["lambda_ent"], recon_domains=config["recon_domains"],
         loss_resolution=config["loss_resolution"], interaction_lr_multiplier=config["interaction_lr_multiplier"],
-        image_loss_reduction=config.get("image_loss_reduction", "sum"))
+        image_loss_reduction=config.get("image_loss_reduction", "sum"),
+        head_lr_multiplier=config.get("head_lr_multiplier", 1.0),
+        image_label_kind=config.get("image_label_kind", "shares"),
+        self_training=self_training_settings(config),
+        image_labels_from_teacher=config.get("image_labels") == TEACHER_LABELS,
+        recon_stop_gradient=config.get("recon_stop_gradient", "none"), recon_space=config.get("recon_space", "logits"))
+    trainer.build_teacher()
     schedule = keras.optimizers.schedules.PolynomialDecay(
         config["learning_rate"], decay_steps=config["num_steps"], end_learning_rate=0.0, power=config["poly_power"])
     optimizer = keras.optimizers.SGD(schedule, momentum=config["momentum"],
@@ -64,18 +85,21 @@ def load_domains(config, trainer):
     """File lists and target image labels of the run, read once: `{"source": (pairs, reader),
     "target": (image paths, [N, C] labels) or None, "skipped": [(path, reason)]}`."""
     skipped = []
-    source_pairs, source_reader = datasets.source_pairs(config["source"], config["source_root"])
+    source_pairs, source_reader = datasets.source_pairs(config["source"], config["source_root"],
+                                                           benchmark_seed=config.get("benchmark_seed"))
     source_pairs = checked(source_pairs, "source", skipped)
     domains = {"source": (source_pairs, source_reader), "target": None, "skipped": skipped}
     if trainer.uses_target:
         target_pairs, reader, root = datasets.target_pairs(
             config["target"], config["target_root"], "train",
-            require_labels=config["image_labels"] == "ground_truth", num_classes=config["num_classes"])
+            require_labels=config["image_labels"] == "ground_truth", num_classes=config["num_classes"],
+            benchmark_seed=config.get("benchmark_seed"))
         target_pairs = checked(target_pairs, "target", skipped)
         if config["method"] == "pit":
             labels = target_image_labels(config, target_pairs, reader, root)
-            origin = ("ground truth (the weakly supervised setting)" if config["image_labels"] == "ground_truth"
-                      else config["image_labels"])
+            origin = {"ground_truth": "ground truth (the weakly supervised setting)",
+                      TEACHER_LABELS: "the self-training teacher's class shares (no target label is read)"}.get(
+                config["image_labels"], config["image_labels"])
             print(f"target image-level labels of {len(target_pairs)} images: {origin}")
         else:
             labels = np.zeros((len(target_pairs), config["num_classes"]), np.float32)
@@ -200,7 +224,7 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
     if config.get("cache_images"):
         check_cache_fits(domains, shards=distribute.num_workers(strategy))
 
-    resumed = checkpoints.restore_latest(trainer.network, trainer.optimizer, model_dir)
+    resumed = checkpoints.restore_latest(trainer.network, trainer.optimizer, model_dir, teacher=trainer.teacher)
     step = int(trainer.optimizer.iterations.numpy())
     if resumed:
         print(f"resumed from {resumed} at step {step}")
@@ -208,7 +232,8 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
         write_skipped(model_dir, domains["skipped"])
     # Workers other than the chief write their (identical) checkpoints to a scratch folder that is discarded.
     save_dir = model_dir if chief else tempfile.mkdtemp(prefix="pit_keras_worker_")
-    manager = checkpoints.manager(network, trainer.optimizer, save_dir, max_to_keep=keep_checkpoints)
+    manager = checkpoints.manager(network, trainer.optimizer, save_dir, max_to_keep=keep_checkpoints,
+                                  teacher=trainer.teacher)
     start = time.time()
     try:
         if step < config["num_steps"]:
@@ -248,7 +273,8 @@ def evaluate_run(config, network, model_dir, class_set, split="val"):
     """Evaluates a trained network on the target split if it has labels; prints and writes the results."""
     try:
         pairs, reader, _ = datasets.target_pairs(config["target"], config["target_root"], split,
-                                                 require_labels=True, num_classes=config["num_classes"])
+                                                 require_labels=True, num_classes=config["num_classes"],
+                                                 benchmark_seed=config.get("benchmark_seed"))
     except UserError as err:  # a target without val labels is normal in UDA
         print(f"not evaluated: {err}")
         return None
@@ -277,7 +303,8 @@ def validation_callback(config, network, model_dir, class_set, every):
     """`callbacks.Validation` on the target val split, or None (with a note) if it has no labels."""
     try:
         pairs, reader, _ = datasets.target_pairs(config["target"], config["target_root"], "val",
-                                                 require_labels=True, num_classes=config["num_classes"])
+                                                 require_labels=True, num_classes=config["num_classes"],
+                                                 benchmark_seed=config.get("benchmark_seed"))
     except UserError as err:
         print(f"--eval_every ignored: {err}")
         return None

@@ -125,3 +125,14 @@ def test_aspp_benchmark_runs_both_implementations_in_their_own_processes(tmp_pat
     assert all(r["step_s"] > 0 and r["peak_rss_mb"] > 10 for r in data["results"])
     with pytest.raises(SystemExit):
         benchmark_aspp.parse_args(["--settings=huge"])
+
+
+def test_self_training_steps_are_measured_against_the_pit_step(tmp_path, tiny_benchmark, capsys):
+    code, data = run_tool(tmp_path, tiny_benchmark, ["self_training"], "--in_process")
+    assert code == 0
+    members = data["results"][0]["members"]
+    assert list(members) == ["pit", "source_only_st", "pit_st"]
+    assert members["source_only_st"]["terms"] == ["seg_src", "st_trg"]
+    assert members["pit_st"]["terms"] == ["img_src", "img_trg", "rec_src", "rec_trg", "seg_src", "st_trg"]
+    assert all(m["loss_finite"] for m in members.values())
+    assert "| pit_st |" in capsys.readouterr().out

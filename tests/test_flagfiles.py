@@ -39,9 +39,18 @@ def test_train_flagfiles_parse_with_the_papers_settings():
     configs = parse("train", TRAIN_FILES)
     demo = configs.pop("flags/demo.cfg")
     assert demo["backbone"] == "tiny" and demo["cache_images"]
+    # The demo reads no target label: its PIT takes the self-training teacher's image labels.
+    assert (demo["method"], demo["image_labels"], demo["self_training"]) == ("pit", "teacher", True)
+    weak = configs.pop("flags/demo_weak.cfg")
+    assert (weak["image_labels"], weak["image_label_kind"]) == ("ground_truth", "presence")
+    benchmark = {path: c for path, c in configs.items() if path.startswith("flags/experiments/")}
+    assert benchmark and all(c["backbone"] == "tiny" and c["num_steps"] == 1500 for c in benchmark.values())
     for path, config in configs.items():
+        if path in benchmark:
+            continue
         assert not config["cache_images"], path  # GTAV decoded would not fit in memory
-        assert (config["learning_rate"], config["momentum"], config["poly_power"]) == (2.5e-5, 0.9, 0.9), path
+        assert (config["learning_rate"], config["momentum"], config["poly_power"]) == (2.5e-4, 0.9, 0.9), path
+        assert (config["head_lr_multiplier"], config["interaction_lr_multiplier"]) == (10, 1), path
         assert (config["num_steps"], config["batch_size"]) == (200000, 4), path
         assert config["target_size"] == [1024, 512] and config["backbone_weights"] == "imagenet", path
     for name in ("gta2cs", "syn2cs"):

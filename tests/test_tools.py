@@ -27,27 +27,69 @@ figures = load_tool("figures")
 CLASSES = ["road", "car", "train"]
 
 
-def fake_run(output_dir, row, seed, miou, per_class, seconds=10.0):
+def write_experiments(folder):
+    """A small flags/experiments/ folder: a main table with a reference, a one-seed ablation, a regressor row."""
+    folder.mkdir(parents=True, exist_ok=True)
+    files = {
+        "source_only": ["# row: source only", "# table: main", "# paper: 36.2 (Table 1)", "# order: 1",
+                        "--flagfile=flags/base/benchmark.cfg", "--method=source_only"],
+        "minent": ["# row: MinEnt", "# table: main", "# reference: source_only", "# order: 2",
+                   "--flagfile=flags/base/benchmark.cfg", "--method=minent"],
+        "pit_gt": ["# row: PIT-GT", "# table: main", "# paper: 52.9 (Table 5)", "# reference: source_only",
+                   "# order: 3", "--flagfile=flags/base/benchmark.cfg", "--image_labels=ground_truth"],
+        "pit_gt_no_lr": ["# row: without L_r", "# table: table3", "# reference: pit_gt", "# seeds: 1",
+                         "--flagfile=flags/experiments/pit_gt.cfg", "--lambda_r=0"],
+        "pit_regressor": ["# row: PIT-regressor", "# table: diagnostic", "# image_labels: regressor_standardize",
+                          "--flagfile=flags/base/benchmark.cfg"],
+    }
+    for name, lines in files.items():
+        (folder / f"{name}.cfg").write_text("\n".join(lines) + "\n")
+    return results_table.load_experiments(folder)
+
+
+def fake_run(output_dir, experiment, seed, miou, per_class, seconds=10.0):
     """A finished run folder as train and the tool leave it: eval_val.json and the tool's record."""
-    folder = results_table.run_dir(str(output_dir), row, seed)
+    folder = results_table.run_dir(str(output_dir), experiment.name, seed)
     results_table.write_json_atomic(f"{folder}/eval_val.json", {
         "miou": miou, "per_class_iou": dict(zip(CLASSES, per_class)), "classes": CLASSES, "num_images": 3})
-    args = results_table.train_args(row, seed, str(output_dir), 1500)
+    args = results_table.train_args(experiment, seed, str(output_dir))
     results_table.write_json_atomic(f"{folder}/{results_table.RUN_RECORD}",
                                     {"args": args, "seconds": seconds, "returncode": 0})
 
 
+def test_experiments_are_read_from_their_flagfile_headers(tmp_path):
+    experiments = write_experiments(tmp_path / "experiments")
+    assert list(experiments) == ["source_only", "minent", "pit_gt", "pit_gt_no_lr", "pit_regressor"]
+    pit = experiments["pit_gt"]
+    assert (pit.label, pit.table, pit.paper, pit.reference) == ("PIT-GT", "main", "52.9 (Table 5)", "source_only")
+    assert experiments["pit_gt_no_lr"].seeds == 1 and results_table.seeds_of(experiments["pit_gt_no_lr"], [4, 5]) == [4]
+    (tmp_path / "experiments" / "broken.cfg").write_text("# table: main\n--method=pit\n")
+    with pytest.raises(UserError, match="broken.cfg: its header lacks '# row"):
+        results_table.load_experiments(tmp_path / "experiments")
+
+
+def test_every_shipped_experiment_has_a_header_and_the_demo_leads():
+    experiments = results_table.load_experiments()
+    assert list(experiments)[0] == "demo" and experiments["demo"].table == "main"
+    for name in ("source_only", "minent", "bn_only", "pit_gt_shares", "source_only_st", "minent_st",
+                 "pit_gt_presence", "pit_gt_printed_lse", "b1_demo", "b1_bn_only"):
+        assert name in experiments, name
+    bn_only = (REPO / "flags" / "experiments" / "bn_only.cfg").read_text()
+    assert "--method=minent" in bn_only and "--lambda_ent=0" in bn_only
+
+
 def test_aggregation_and_page(tmp_path):
+    experiments = write_experiments(tmp_path / "experiments")
     out = tmp_path / "runs"
     source = {0: (20.0, [60.0, 10.0, None]), 1: (24.0, [64.0, 14.0, None]), 2: (25.0, [65.0, 20.0, None])}
     for seed, (miou, per_class) in source.items():
-        fake_run(out, "source_only", seed, miou, per_class, seconds=10.0 + seed)
-    fake_run(out, "pit_gt", 0, 40.0, [80.0, 30.0, None])
-    fake_run(out, "pit_gt", 1, 44.0, [84.0, 34.0, None])
-    fake_run(out, "pit_gt_no_lr", 0, 38.0, [78.0, 28.0, None])
-    fake_run(out, "pit_gt_lc_per_unit", 0, 43.0, [80.0, 30.0, None])
-    rows = ["source_only", "minent", "pit_gt", "pit_gt_no_lr", "pit_gt_r0.5", "pit_gt_units4", "pit_gt_lc_per_unit"]
-    summary = results_table.summarize(str(out), rows, [0, 1, 2])
+        fake_run(out, experiments["source_only"], seed, miou, per_class, seconds=10.0 + seed)
+    fake_run(out, experiments["pit_gt"], 0, 40.0, [80.0, 30.0, None])
+    fake_run(out, experiments["pit_gt"], 1, 44.0, [84.0, 34.0, None])
+    fake_run(out, experiments["pit_gt_no_lr"], 0, 38.0, [78.0, 28.0, None])
+    fake_run(out, experiments["pit_gt_no_lr"], 1, 99.0, [78.0, 28.0, None])  # not one of its seeds
+    names = list(experiments)
+    summary = results_table.summarize(str(out), names, experiments, [0, 1, 2])
 
     entry = summary["rows"]["source_only"]
     assert entry["num_seeds"] == 3 and entry["seeds"] == [0, 1, 2]
@@ -57,23 +99,23 @@ def test_aggregation_and_page(tmp_path):
     assert math.isnan(entry["per_class_iou_mean"]["train"])
     assert entry["seconds_mean"] == pytest.approx(11.0)
     assert summary["rows"]["pit_gt"]["num_seeds"] == 2
+    assert summary["rows"]["pit_gt_no_lr"]["num_seeds"] == 1
     assert math.isnan(summary["rows"]["pit_gt_no_lr"]["miou_std"])  # one seed has no spread
     assert summary["rows"]["minent"]["num_seeds"] == 0
 
     notes = tmp_path / "notes.md"
     notes.write_text("PIT helps here.\n")
     md, js = tmp_path / "docs" / "results.md", tmp_path / "docs" / "results.json"
-    results_table.write_results(summary, "python tools/results_table.py --output_dir=runs", [0, 1, 2], 1500,
+    results_table.write_results(summary, "python tools/results_table.py --output_dir=runs", [0, 1, 2],
                                 {("minent", 0): "train exited with 1: boom"}, str(md), str(js), str(notes))
     page = md.read_text()
     assert "python tools/results_table.py --output_dir=runs" in page
     assert "CPU cores" in page
-    assert "| source only | 23.0 ± 2.6 | 3 | 20.0, 24.0, 25.0 |" in page
-    assert "| MinEnt (ADVENT, lambda 0.001) | not run | 0 |" in page
-    assert "| without L_r (lambda_r = 0) | 38.0 (one seed) | 1 | 38.0 | -4.0 |" in page
-    # Table 4 reuses the runs of rows above: 3 units is the full PIT-GT row.
-    assert "| 3 (r = 0.5, 1, 1.5) | 42.0 ± 2.8 | 2 |" in page
-    assert "| 3 units, lambda_c = 0.5 / 3 (L_c weighed as one unit's) | 43.0 (one seed) | 1 | 43.0 | +1.0 vs PIT-GT |" in page
+    assert "| source only | 23.0 ± 2.6 | 3 | 20.0, 24.0, 25.0 |  | 36.2 (Table 1) | `source_only` | 11 |" in page
+    assert "| MinEnt | not run | 0 |" in page
+    assert "| PIT-GT | 42.0 ± 2.8 | 2 | 40.0, 44.0 | +19.0 vs source_only |" in page
+    assert "| without L_r | 38.0 (one seed) | 1 | 38.0 | -4.0 vs pit_gt |" in page
+    assert page.index("## Main rows") < page.index("## Ablations (paper Table 3)")
     assert "| car | 14.7 | 32.0 |" in page and "| train | - | - |" in page
     assert "minent seed 0: train exited with 1: boom" in page
     assert page.rstrip().endswith("PIT helps here.")
@@ -84,8 +126,9 @@ def test_aggregation_and_page(tmp_path):
 
 
 def test_resume_trains_only_missing_runs_and_refuses_other_flags(tmp_path, monkeypatch):
+    experiments = write_experiments(tmp_path / "experiments")
     out = tmp_path / "runs"
-    fake_run(out, "source_only", 0, 20.0, [60.0, 10.0, None])
+    fake_run(out, experiments["source_only"], 0, 20.0, [60.0, 10.0, None])
     calls = []
 
     def fake_call(command, cwd, stdout, stderr, env):
@@ -97,50 +140,51 @@ def test_resume_trains_only_missing_runs_and_refuses_other_flags(tmp_path, monke
         return 0
 
     monkeypatch.setattr(results_table.subprocess, "call", fake_call)
-    failures = results_table.run_all(["source_only", "pit_gt"], [0, 1], str(out), 1500, "backbone")
+    failures = results_table.run_all(["source_only", "pit_gt", "pit_gt_no_lr"], experiments, [0, 1], str(out))
     assert failures == {}
     trained = sorted(next(a for a in args if a.startswith("--model_dir=")) for args in calls)
     assert trained == [f"--model_dir={out}/pit_gt/seed_0", f"--model_dir={out}/pit_gt/seed_1",
-                       f"--model_dir={out}/source_only/seed_1"]
-    assert all(args[0] == "--flagfile=flags/demo.cfg" and "--num_steps=1500" in args for args in calls)
+                       f"--model_dir={out}/pit_gt_no_lr/seed_0", f"--model_dir={out}/source_only/seed_1"]
+    assert all(args[0].startswith("--flagfile=flags/experiments/") for args in calls)
+    assert not any(a.startswith("--num_steps") for args in calls for a in args)
 
     calls.clear()
-    assert results_table.run_all(["source_only", "pit_gt"], [0, 1], str(out), 1500, "backbone") == {}
+    assert results_table.run_all(["source_only", "pit_gt"], experiments, [0, 1], str(out)) == {}
     assert calls == []
     with pytest.raises(UserError, match="other flags"):
-        results_table.run_all(["pit_gt"], [0], str(out), 3000, "backbone")
+        results_table.run_all(["pit_gt"], experiments, [0], str(out), num_steps=3000)
 
     def failing_call(command, cwd, stdout, stderr, env):
         stdout.write("error: something broke\n")
         return 2
 
     monkeypatch.setattr(results_table.subprocess, "call", failing_call)
-    failures = results_table.run_all(["minent"], [0], str(out), 1500, "backbone")
+    failures = results_table.run_all(["minent"], experiments, [0], str(out))
     assert failures == {("minent", 0): "train exited with 2: error: something broke"}
 
 
-def test_rows_and_seeds_flags():
-    assert results_table.select_rows(["main"]) == list(results_table.MAIN_ROWS)
-    assert results_table.select_rows(["pit_gt_r1", "source_only"]) == ["source_only", "pit_gt_r1"]
-    assert "pit_gt_units4" in results_table.select_rows(["all"])
-    with pytest.raises(UserError, match="unknown row 'pit_gt_r2'"):
-        results_table.select_rows(["pit_gt_r2"])
+def test_rows_and_seeds_flags(tmp_path):
+    experiments = write_experiments(tmp_path / "experiments")
+    assert results_table.select_rows(["main"], experiments) == ["source_only", "minent", "pit_gt"]
+    assert results_table.select_rows(["pit_gt_no_lr", "source_only"], experiments) == ["source_only", "pit_gt_no_lr"]
+    assert results_table.select_rows(["all"], experiments) == list(experiments)
+    with pytest.raises(UserError, match="unknown experiment or table 'pit_gt_r2'"):
+        results_table.select_rows(["pit_gt_r2"], experiments)
     with pytest.raises(UserError, match="distinct"):
         results_table.parse_seeds(["0", "0"])
     assert results_table.recorded_command(["--output_dir=x", "--report_only"]) == (
         "python tools/results_table.py --output_dir=x")
 
 
-def test_aligned_regressor_rows_share_their_own_labels():
-    plain = results_table.train_args("pit_regressor_lc_mean", 1, "out", 1500)
-    aligned = [results_table.train_args(row, 1, "out", 1500)
-               for row in ("pit_regressor_aligned", "pit_regressor_aligned_lc_mean")]
-    labels = os.path.join("out", "pit_regressor_aligned", "seed_1", "image_labels.json")
-    assert f"--image_labels={labels}" in aligned[0] and f"--image_labels={labels}" in aligned[1]
-    assert f"--image_labels={os.path.join('out', 'pit_regressor', 'seed_1', 'image_labels.json')}" in plain
-    args = results_table.regressor_args("out", 1, "backbone", "standardize")
-    assert f"--output={labels}" in args and "--feature_alignment=standardize" in args
-    assert not any(a.startswith("--feature_alignment") for a in results_table.regressor_args("out", 1, "backbone"))
+def test_regressor_rows_get_their_own_labels(tmp_path):
+    experiments = write_experiments(tmp_path / "experiments")
+    args = results_table.train_args(experiments["pit_regressor"], 1, "out")
+    labels = os.path.join("out", "image_labels_regressor_standardize", "seed_1", "image_labels.json")
+    assert f"--image_labels={labels}" in args
+    made = results_table.regressor_args("out", 1, "regressor_standardize")
+    assert f"--output={labels}" in made and "--feature_alignment=standardize" in made
+    assert f"--model_dir={os.path.join('out', 'source_only', 'seed_1')}" in made
+    assert not any(a.startswith("--feature_alignment") for a in results_table.regressor_args("out", 1))
 
 
 @pytest.fixture(scope="module")

@@ -74,11 +74,20 @@ TRAIN_BASES = {
     "pit_no_lc": ("pit", {"lambda_c": 0.0}, None, "PIT, lambda_c = 0 (no LSE pooling)"),
     "pit_no_lr": ("pit", {"lambda_r": 0.0}, None, "PIT, lambda_r = 0 (no reconstruction)"),
     "pit_input": ("pit", {"loss_resolution": "input"}, None, "PIT, L_c and L_r at input resolution"),
+    "source_only_st": ("source_only", {"self_training": True}, 0, "source only + self-training (EMA teacher, "
+                       "ClassMix)"),
+    "minent_st": ("minent", {"self_training": True}, 0, "MinEnt + self-training"),
+    "pit_st": ("pit", {"self_training": True, "image_labels": "teacher"}, None,
+               "PIT + self-training, teacher image labels (the demo)"),
 }
 # The interleaved `ablation` case: PIT, its ablations and the two references, in one process.
 ABLATION = ("reference", "reference_bwd", "pit", "pit_no_lc", "pit_no_lr")
+# The interleaved `self_training` case: the self-training steps against the PIT step, in one process.
+SELF_TRAINING = ("pit", "source_only_st", "pit_st")
+INTERLEAVED = {"ablation": ABLATION, "self_training": SELF_TRAINING}
 OTHER_BASES = {
     "ablation": f"{', '.join(ABLATION)}, stepped in turn in one process",
+    "self_training": f"{', '.join(SELF_TRAINING)}, stepped in turn in one process",
     "pipeline": "input pipeline alone",
     "inference": "exported fine branch of a PIT network against a plain segmenter",
 }
@@ -90,7 +99,8 @@ DEFAULT_CASES = (
     "pit+joint", "pit+spe10", "pit+pipeline", "pit+pipeline+cached",
     "reference+xla", "pit+xla", "reference+bf16", "pit+bf16", "reference+bf16+xla", "pit+bf16+xla",
     "reference+fp16", "pit+fp16", "reference+fp16+xla", "pit+fp16+xla",
-    "ablation", "pipeline", "pipeline+cached", "inference",
+    "source_only_st", "minent_st", "pit_st",
+    "ablation", "self_training", "pipeline", "pipeline+cached", "inference",
 )
 
 
@@ -115,7 +125,7 @@ def parse_case(name):
                              "cached, asppconv, spe<N>).")
     if base == "pipeline" and (modifiers and modifiers != ["cached"]):
         raise ValueError(f"case {name!r}: the pipeline case takes only the cached modifier.")
-    if base in ("inference", "ablation") and modifiers:
+    if base in ("inference", *INTERLEAVED) and modifiers:
         raise ValueError(f"case {name!r}: the {base} case takes no modifier.")
     if case["joint"] and base != "pit":
         raise ValueError(f"case {name!r}: joint is measured for pit (at feature resolution) only.")
@@ -132,9 +142,12 @@ def base_config(args, method):
         "target": "cityscapes", "target_root": os.path.join(args.data_root, "cityscapes"),
         "source_size": size, "target_size": size, "backbone": args.backbone, "backbone_weights": "none",
         "num_classes": 19, "class_set": "cityscapes19", "method": method, "lse_r": [0.5, 1.0, 1.5],
-        "lse_normalize": False, "lambda_c": 0.5, "lambda_r": 0.5, "lambda_ent": 0.001,
-        "recon_domains": ["source", "target"], "loss_resolution": "feature", "interaction_lr_multiplier": 0.01,
-        "image_loss_reduction": "sum", "image_labels": "ground_truth" if method == "pit" else None,
+        "lse_normalize": True, "lambda_c": 0.5, "lambda_r": 0.5, "lambda_ent": 0.001,
+        "recon_domains": ["source", "target"], "loss_resolution": "feature", "interaction_lr_multiplier": 1.0,
+        "image_loss_reduction": "mean", "image_labels": "ground_truth" if method == "pit" else None,
+        "head_lr_multiplier": 1.0, "image_label_kind": "shares", "recon_stop_gradient": "none",
+        "recon_space": "logits", "self_training": False, "lambda_st": 1.0, "st_ema": 0.99, "st_threshold": 0.968,
+        "st_teacher_bn": "target_batch", "st_classmix": True, "st_start": 0, "st_ramp": 0, "st_flip": False,
         "batch_size": args.batch_size,
         "num_steps": 200000, "learning_rate": args.learning_rate, "momentum": 0.9, "weight_decay": 0.0001,
         "poly_power": 0.9,
@@ -330,9 +343,10 @@ def run_train_case(args, case):
 
 
 def run_ablation_case(args, case):
-    """The cases of `ABLATION` built in one process and stepped in turn (the order rotating every round), so
-    that a load that comes and goes weighs on all of them alike: their differences are PIT's parts."""
-    members = {name: TrainingSteps(args, parse_case(name)) for name in ABLATION}
+    """The cases of `ABLATION` (or `SELF_TRAINING`) built in one process and stepped in turn (the order
+    rotating every round), so that a load that comes and goes weighs on all of them alike: their differences
+    are PIT's parts (or self-training's cost)."""
+    members = {name: TrainingSteps(args, parse_case(name)) for name in INTERLEAVED[case["base"]]}
     for _ in range(args.warmup):
         for steps in members.values():
             steps.call(record=False)
@@ -420,7 +434,7 @@ def run_case(args, name):
     running, before = len(other_training_processes()), safe(cpu_counters)
     if case["base"] in TRAIN_BASES:
         result = run_train_case(args, case)
-    elif case["base"] == "ablation":
+    elif case["base"] in INTERLEAVED:
         result = run_ablation_case(args, case)
     elif case["base"] == "pipeline":
         result = run_pipeline_case(args, case)
@@ -618,6 +632,17 @@ def report(data):
             lines.append(f"| {name} | {r['step_ms']:.1f} | {r['cpu_ms']:.1f} | "
                          f"{fmt(ratio(r['step_ms'], members['reference']['step_ms']), '.2f')} | "
                          f"{fmt(ratio(r['cpu_ms'], members['reference']['cpu_ms']), '.2f')} |")
+    if "self_training" in cases and "members" in cases["self_training"]:
+        members = cases["self_training"]["members"]
+        goals = {"source_only_st": "<= 1.5", "pit_st": "<= 2"}
+        lines += ["", f"Self-training against the PIT step, interleaved in one process (`self_training`; medians of "
+                  f"{args['repeats']} rounds; other load {fmt(cases['self_training'].get('other_cpu_cores'))} "
+                  "cores):", "", "| member | step (ms) | CPU (ms) | vs PIT (wall) | (CPU) | goal |",
+                  "|---|---|---|---|---|---|"]
+        for name, r in members.items():
+            lines.append(f"| {name} | {r['step_ms']:.1f} | {r['cpu_ms']:.1f} | "
+                         f"{fmt(ratio(r['step_ms'], members['pit']['step_ms']), '.2f')} | "
+                         f"{fmt(ratio(r['cpu_ms'], members['pit']['cpu_ms']), '.2f')} | {goals.get(name, '')} |")
     columns = [(label, summary.get(key, {}).get("shares_of_pit_step") if key else summary.get("shares_of_pit_step"))
                for label, key in (("separate processes, wall", None), ("separate, CPU", "cpu"),
                                   ("interleaved, wall", "interleaved"), ("interleaved, CPU", "interleaved_cpu"))]

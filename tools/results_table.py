@@ -1,21 +1,26 @@
-"""The benchmark table: PIT, its baselines and the ablations of the paper's Tables 3-5, several seeds each, on
-the embedded benchmark with the demo's settings; writes docs/results.md and a JSON of every number.
+"""The benchmark table: every experiment under flags/experiments/ on the embedded benchmark, several seeds each;
+writes docs/results.md and a JSON of every number.
 
     python tools/results_table.py --output_dir=runs/results --seeds=0,1,2
 
-Every (row, seed) is its own `python -m pit_keras.train --flagfile=flags/demo.cfg` process in
-OUTPUT_DIR/ROW/seed_S, so runs are isolated and identical but for the row's flags. A run whose eval_val.json
-exists is done and skipped; a partial one resumes from its newest checkpoint (train resumes by itself), so the
-tool can be stopped and started again. `--rows=main` runs the main rows only; a later run with the default
-`--rows=all` adds the ablations. Run folders record the train flags they were made with: asking the same folder
-for other flags (another `--num_steps`, say) is refused instead of mixing settings in one table.
+One experiment is one flagfile, `flags/experiments/NAME.cfg`, which includes `flags/demo.cfg` (or another
+experiment) and adds its flags. Its header says where it goes:
 
-The unsupervised row (`pit_regressor`) first writes each seed's target image labels with
-`python -m pit_keras.image_labels`, from `--regressor_features` (the paper: ImageNet Inception-ResNet-v2;
-`backbone`: the backbone of the same seed's source-only run), and reports their distance to the target truth
-next to the source-mean prior. Diagnostic rows (`--rows=diagnostic`, not in the paper) separate effects the
-paper's ablations confound on this benchmark: the weight of L_c against the number of units, and L_c's sum
-over classes against a mean.
+    # row: the label in the table
+    # table: main | self_training | ablation | table5 | table3 | table4 | lr | diagnostic | second_benchmark
+    # paper: the paper's number and table (or -)
+    # reference: the experiment its delta is taken against (optional)
+    # seeds: 1 (optional: an ablation row on the first seed only; it quotes the main rows' spread)
+    # image_labels: regressor | regressor_standardize (optional: this tool writes each seed's target image
+    #   labels with `python -m pit_keras.image_labels` on the backbone of the same seed's source_only run)
+    # order: a number that sorts the rows of a table (optional; else by name)
+
+Every (experiment, seed) is its own `python -m pit_keras.train --flagfile=flags/experiments/NAME.cfg` process in
+OUTPUT_DIR/NAME/seed_S, so runs are isolated and identical but for the experiment's flags. A run whose
+eval_val.json exists is done and skipped; a partial one resumes from its newest checkpoint (train resumes by
+itself), so the tool can be stopped and started again. `--rows` takes experiment or table names. Run folders
+record the train flags they were made with: asking the same folder for other flags is refused instead of
+mixing settings in one table.
 """
 
 import dataclasses
@@ -39,97 +44,94 @@ from pit_keras.errors import UserError, run_main
 from pit_keras.flags import DEFAULT_BENCHMARK_ROOT
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
-FLAGFILE = "flags/demo.cfg"
+EXPERIMENTS = "flags/experiments"
 RUN_RECORD = "results_table.json"  # in each run folder: the train flags it was made with, time, exit code
 EVAL_FILE = "eval_val.json"
-REGRESSOR_ROW = "pit_regressor"
-ALIGNED_ROW = "pit_regressor_aligned"
-LABELS_ROWS = {"none": REGRESSOR_ROW, "standardize": ALIGNED_ROW}  # where each alignment's labels are kept
-BACKBONE_FEATURES = "backbone"
+SOURCE_ONLY = "source_only"  # the experiment whose backbone the regressor reads
+LABELS = {"regressor": "none", "regressor_standardize": "standardize"}  # header value -> --feature_alignment
+# (table key, title); rows print in this order.
+TABLES = (
+    ("main", "Main rows"),
+    ("self_training", "Self-training on each method"),
+    ("ablation", "The unsupervised demo, each ingredient removed in turn"),
+    ("table5", "Weak image-level labels (paper Table 5)"),
+    ("table3", "Ablations (paper Table 3), PIT with ground-truth target class shares"),
+    ("table4", "Number of units (paper Table 4), PIT with ground-truth target class shares"),
+    ("lr", "What L_r does: which branch it trains, and on what"),
+    ("diagnostic", "Diagnostic rows (not in the paper)"),
+    ("second_benchmark", "The same flags on a second benchmark (generator seed 1)"),
+)
+HEADER_KEYS = ("row", "table", "paper", "reference", "seeds", "image_labels", "order")
 
 
 @dataclasses.dataclass(frozen=True)
-class Row:
-    """One row of the table.
-
-    Args:
-        name: folder name and `--rows` key.
-        label: what the table calls it.
-        overrides: train flags after the demo flagfile.
-        group: "main", "table3" or "table4" (the section it is printed in, and a `--rows` key).
-        paper: the paper's number for this row (ResNet-101, GTAV -> Cityscapes), for orientation only.
-        regressor_labels: trains on the regressor's target image labels (those of the pit_regressor row).
-        alignment: the regressor's `--feature_alignment` (labels of another alignment than "none" are kept in
-            the first row that uses them: `image_labels_path`).
-        reference: the row a diagnostic row is compared with.
-    """
+class Experiment:
+    """One row of the table, read from its flagfile's header (see the module docstring)."""
 
     name: str
     label: str
-    overrides: tuple
-    group: str
-    paper: str
-    regressor_labels: bool = False
-    reference: str = "pit_gt"
-    alignment: str = "none"
+    table: str
+    paper: str = "-"
+    reference: str = ""
+    seeds: int = 0  # 0: every --seeds
+    image_labels: str = ""
+    order: float = 0.0
+
+    @property
+    def flagfile(self):
+        return f"{EXPERIMENTS}/{self.name}.cfg"
 
 
-ROWS = (
-    Row("source_only", "source only", ("--method=source_only", "--image_labels="), "main", "36.2"),
-    Row("minent", "MinEnt (ADVENT, lambda 0.001)", ("--method=minent", "--image_labels="), "main", "-"),
-    Row("pit_gt", "PIT, ground-truth target image labels (weakly supervised)", (), "main", "52.9 (Table 5)"),
-    # Its --image_labels is added per seed (`train_args`).
-    Row(REGRESSOR_ROW, "PIT, regressor image labels (unsupervised)", (), "main", "50.6", regressor_labels=True),
-    Row("pit_gt_no_lc", "without L_c (lambda_c = 0)", ("--lambda_c=0",), "table3", "40.8"),
-    Row("pit_gt_no_lr", "without L_r (lambda_r = 0)", ("--lambda_r=0",), "table3", "38.0"),
-    Row("pit_gt_rec_target", "L_r on target only", ("--recon_domains=target",), "table3", "38.5"),
-    Row("pit_gt_r0.5", "one unit, r = 0.5", ("--lse_r=0.5",), "table3", "44.9"),
-    Row("pit_gt_r1", "one unit, r = 1", ("--lse_r=1",), "table3", "45.2"),
-    Row("pit_gt_r1.5", "one unit, r = 1.5", ("--lse_r=1.5",), "table3", "45.7"),
-    Row("pit_gt_units2", "2 units (r = 0.5, 1)", ("--lse_r=0.5,1",), "table4", "48.2"),
-    Row("pit_gt_units4", "4 units (r = 0.5, 1, 1.5, 2)", ("--lse_r=0.5,1,1.5,2",), "table4", "50.7"),
-    # L_c sums over the units, so K units also weigh L_c K times: this row separates the two effects.
-    Row("pit_gt_lc_per_unit", "3 units, lambda_c = 0.5 / 3 (L_c weighed as one unit's)", ("--lambda_c=0.166667",),
-        "diagnostic", "-"),
-    # The paper sums L_c over classes; a mean over classes (PyTorch's default reduction) is lambda_c / C.
-    Row("pit_gt_lc_mean", "PIT-GT, L_c averaged over classes", ("--image_loss_reduction=mean",), "diagnostic",
-        "-"),
-    Row("pit_regressor_lc_mean", "PIT-regressor, L_c averaged over classes", ("--image_loss_reduction=mean",),
-        "diagnostic", "-", regressor_labels=True, reference=REGRESSOR_ROW),
-    # The regressor on features standardized per domain (image_labels --feature_alignment=standardize).
-    Row(ALIGNED_ROW, "PIT-regressor, regressor features standardized per domain", (), "diagnostic", "-",
-        regressor_labels=True, reference=REGRESSOR_ROW, alignment="standardize"),
-    # Compared with the same L_c without the alignment, so that its delta is the alignment's alone.
-    Row("pit_regressor_aligned_lc_mean", "PIT-regressor, features standardized per domain, L_c averaged over "
-        "classes", ("--image_loss_reduction=mean",), "diagnostic", "-", regressor_labels=True,
-        reference="pit_regressor_lc_mean", alignment="standardize"),
-)
-ROWS_BY_NAME = {row.name: row for row in ROWS}
-# Table 4 (number of units) shares runs with rows above: 1 unit is r = 0.5, 3 units is the full setting.
-TABLE4 = (("1 (r = 0.5)", "pit_gt_r0.5", "44.9"), ("2 (r = 0.5, 1)", "pit_gt_units2", "48.2"),
-          ("3 (r = 0.5, 1, 1.5)", "pit_gt", "50.6"), ("4 (r = 0.5, 1, 1.5, 2)", "pit_gt_units4", "50.7"))
-REFERENCE_NAMES = {"pit_gt": "PIT-GT", REGRESSOR_ROW: "PIT-regressor", ALIGNED_ROW: "PIT-regressor-standardized",
-                   "pit_regressor_lc_mean": "PIT-regressor with the mean L_c"}
-MAIN_ROWS = tuple(row.name for row in ROWS if row.group == "main")
-GROUPS = {"all": tuple(ROWS_BY_NAME), "main": MAIN_ROWS,
-          "table3": ("pit_gt",) + tuple(r.name for r in ROWS if r.group == "table3"),
-          "table4": tuple(name for _, name, _ in TABLE4),
-          "diagnostic": ("pit_gt", REGRESSOR_ROW) + tuple(r.name for r in ROWS if r.group == "diagnostic")}
+def read_header(path):
+    """`{key: value}` of the `# key: value` comment lines at the top of a flagfile."""
+    header = {}
+    with open(path) as f:
+        for line in f:
+            if not line.startswith("#"):
+                break
+            key, _, value = line[1:].strip().partition(":")
+            if key.strip() in HEADER_KEYS and value.strip():
+                header[key.strip()] = value.strip()
+    return header
+
+
+def load_experiments(folder=None):
+    """`{name: Experiment}` of every flagfile in flags/experiments/, in table order."""
+    folder = pathlib.Path(folder or REPO / EXPERIMENTS)
+    tables = [key for key, _ in TABLES]
+    found = []
+    for path in sorted(folder.glob("*.cfg")):
+        header = read_header(path)
+        missing = [key for key in ("row", "table") if key not in header]
+        if missing:
+            raise UserError(f"{path}: its header lacks '# {missing[0]}: ...'.")
+        if header["table"] not in tables:
+            raise UserError(f"{path}: table {header['table']!r} is not one of {', '.join(tables)}.")
+        if header.get("image_labels", "") not in ("", *LABELS):
+            raise UserError(f"{path}: image_labels {header['image_labels']!r} is not one of {', '.join(LABELS)}.")
+        found.append(Experiment(path.stem, header["row"], header["table"], header.get("paper", "-"),
+                                header.get("reference", ""), int(header.get("seeds", 0)),
+                                header.get("image_labels", ""), float(header.get("order", 0))))
+    found.sort(key=lambda e: (tables.index(e.table), e.order, e.name))
+    experiments = {e.name: e for e in found}
+    for e in found:
+        if e.reference and e.reference not in experiments:
+            raise UserError(f"{folder}/{e.name}.cfg: reference {e.reference!r} is not an experiment.")
+    return experiments
+
 
 FLAGS = flags.FLAGS
 
 
 def define_flags():
     """The command's flags, defined when it runs (so tests can import the module)."""
-    flags.DEFINE_string("output_dir", None, "Folder of the runs (OUTPUT_DIR/ROW/seed_S).")
-    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: every row runs once per seed.")
-    flags.DEFINE_integer("num_steps", 1500, "Training steps of every run (the demo's 1500 by default).")
-    flags.DEFINE_list("rows", ["all"], "Rows to run, by name or group (" + ", ".join(GROUPS) + "): "
-                      + ", ".join(ROWS_BY_NAME) + ".")
-    flags.DEFINE_string("regressor_features", "InceptionResNetV2",
-                        "Features of the image-level regressor of the pit_regressor row: a keras.applications "
-                        "model with ImageNet weights (the paper's), or backbone (the same seed's source-only "
-                        "run).")
+    flags.DEFINE_string("output_dir", None, "Folder of the runs (OUTPUT_DIR/NAME/seed_S).")
+    flags.DEFINE_list("seeds", ["0", "1", "2"], "Seeds: every experiment runs once per seed (those whose header "
+                      "says '# seeds: 1' on the first only).")
+    flags.DEFINE_integer("num_steps", None, "Override every experiment's training steps (a quick check; the "
+                         "table is made with the experiments' own).")
+    flags.DEFINE_list("rows", ["all"], "Experiments to run, by name (flags/experiments/NAME.cfg) or table: "
+                      + ", ".join(key for key, _ in TABLES) + ", or all.")
     flags.DEFINE_string("markdown", "docs/results.md", "The results page to write.")
     flags.DEFINE_string("json", "docs/results.json", "The JSON of every number to write.")
     flags.DEFINE_string("notes", "docs/results_notes.md",
@@ -139,18 +141,20 @@ def define_flags():
                          "Only aggregate the finished runs and write the results; train nothing.")
 
 
-def select_rows(names):
-    """Row names in table order from `--rows` entries (row names or group names)."""
+def select_rows(names, experiments):
+    """Experiment names in table order from `--rows` entries (experiment or table names, or all)."""
     chosen = set()
     for name in names:
-        if name in GROUPS:
-            chosen.update(GROUPS[name])
-        elif name in ROWS_BY_NAME:
+        if name == "all":
+            chosen.update(experiments)
+        elif name in dict(TABLES):
+            chosen.update(e.name for e in experiments.values() if e.table == name)
+        elif name in experiments:
             chosen.add(name)
         else:
-            raise UserError(f"--rows: unknown row {name!r} (rows: {', '.join(ROWS_BY_NAME)}; groups: "
-                            f"{', '.join(GROUPS)}).")
-    return [row.name for row in ROWS if row.name in chosen]
+            raise UserError(f"--rows: unknown experiment or table {name!r} (tables: "
+                            f"{', '.join(key for key, _ in TABLES)}; experiments: {', '.join(experiments)}).")
+    return [name for name in experiments if name in chosen]
 
 
 def parse_seeds(values):
@@ -163,31 +167,37 @@ def parse_seeds(values):
     return seeds
 
 
+def seeds_of(experiment, seeds):
+    return seeds[:experiment.seeds] if experiment.seeds else seeds
+
+
 def run_dir(output_dir, row, seed):
     return os.path.join(output_dir, row, f"seed_{seed}")
 
 
-def image_labels_path(output_dir, seed, alignment="none"):
-    return os.path.join(run_dir(output_dir, LABELS_ROWS[alignment], seed), "image_labels.json")
+def image_labels_path(output_dir, seed, kind="regressor"):
+    return os.path.join(output_dir, f"image_labels_{kind}", f"seed_{seed}", "image_labels.json")
 
 
-def train_args(row, seed, output_dir, num_steps):
+def train_args(experiment, seed, output_dir, num_steps=None):
     """The flags of one training run (after `python -m pit_keras.train`)."""
-    args = [f"--flagfile={FLAGFILE}", f"--model_dir={run_dir(output_dir, row, seed)}", f"--seed={seed}",
-            f"--num_steps={num_steps}", "--evaluate=true", "--verbose=0", *ROWS_BY_NAME[row].overrides]
-    if ROWS_BY_NAME[row].regressor_labels:
-        args.append(f"--image_labels={image_labels_path(output_dir, seed, ROWS_BY_NAME[row].alignment)}")
+    args = [f"--flagfile={experiment.flagfile}", f"--model_dir={run_dir(output_dir, experiment.name, seed)}",
+            f"--seed={seed}", "--evaluate=true", "--verbose=0"]
+    if num_steps:
+        args.append(f"--num_steps={num_steps}")
+    if experiment.image_labels:
+        args.append(f"--image_labels={image_labels_path(output_dir, seed, experiment.image_labels)}")
     return args
 
 
-def regressor_args(output_dir, seed, features, alignment="none"):
-    """The flags of the `pit_keras.image_labels` run that writes a seed's target image labels."""
-    args = ["--source=synthetic", "--target=synthetic",
-            f"--output={image_labels_path(output_dir, seed, alignment)}", f"--seed={seed}", f"--features={features}"]
-    if alignment != "none":
-        args.append(f"--feature_alignment={alignment}")
-    if features == BACKBONE_FEATURES:
-        args += [f"--model_dir={run_dir(output_dir, 'source_only', seed)}", "--image_size=256,128"]
+def regressor_args(output_dir, seed, kind="regressor"):
+    """The flags of the `pit_keras.image_labels` run that writes a seed's target image labels, on the backbone
+    of the same seed's source_only run."""
+    args = ["--source=synthetic", "--target=synthetic", f"--output={image_labels_path(output_dir, seed, kind)}",
+            f"--seed={seed}", "--features=backbone", f"--model_dir={run_dir(output_dir, SOURCE_ONLY, seed)}",
+            "--image_size=256,128"]
+    if LABELS[kind] != "none":
+        args.append(f"--feature_alignment={LABELS[kind]}")
     return args
 
 
@@ -244,15 +254,16 @@ def log_tail(folder, log_name, lines=1):
     return " / ".join(kept[-lines:])
 
 
-def train_one(row, seed, output_dir, num_steps):
-    """Trains and evaluates one (row, seed) unless it is done; returns None on success, else the reason."""
-    folder = run_dir(output_dir, row, seed)
-    args = train_args(row, seed, output_dir, num_steps)
+def train_one(experiment, seed, output_dir, num_steps=None):
+    """Trains and evaluates one (experiment, seed) unless it is done; returns None on success, else the
+    reason."""
+    folder = run_dir(output_dir, experiment.name, seed)
+    args = train_args(experiment, seed, output_dir, num_steps)
     check_record(folder, args)
     if is_done(folder):
         return None
     previous = read_record(folder) or {}
-    print(f"[{time.strftime('%H:%M:%S')}] training {row} seed {seed} -> {folder}", flush=True)
+    print(f"[{time.strftime('%H:%M:%S')}] training {experiment.name} seed {seed} -> {folder}", flush=True)
     os.makedirs(folder, exist_ok=True)
     write_json_atomic(os.path.join(folder, RUN_RECORD), {"args": args, "seconds": None, "returncode": None})
     code, seconds = run_module("pit_keras.train", args, folder, "train.log")
@@ -267,12 +278,12 @@ def train_one(row, seed, output_dir, num_steps):
     return None
 
 
-def make_image_labels(seed, output_dir, num_steps, features, alignment="none"):
-    """Writes a seed's regressor image labels (training the source-only run first if the features need it);
-    returns None on success, else the reason."""
-    path = image_labels_path(output_dir, seed, alignment)
+def make_image_labels(seed, output_dir, experiments, num_steps=None, kind="regressor"):
+    """Writes a seed's regressor image labels (training the source_only run first); returns None on success,
+    else the reason."""
+    path = image_labels_path(output_dir, seed, kind)
     folder = os.path.dirname(path)
-    args = regressor_args(output_dir, seed, features, alignment)
+    args = regressor_args(output_dir, seed, kind)
     record_path = os.path.join(folder, "image_labels_record.json")
     if os.path.isfile(record_path):
         with open(record_path) as f:
@@ -280,11 +291,10 @@ def make_image_labels(seed, output_dir, num_steps, features, alignment="none"):
                 raise UserError(f"{path} was made with other flags; use another --output_dir or remove {folder}.")
         if os.path.isfile(path):
             return None
-    if features == BACKBONE_FEATURES:
-        reason = train_one("source_only", seed, output_dir, num_steps)
-        if reason:
-            return f"its source-only run failed ({reason})"
-    print(f"[{time.strftime('%H:%M:%S')}] image labels of seed {seed} ({features} features) -> {path}", flush=True)
+    reason = train_one(experiments[SOURCE_ONLY], seed, output_dir, num_steps)
+    if reason:
+        return f"its source-only run failed ({reason})"
+    print(f"[{time.strftime('%H:%M:%S')}] image labels of seed {seed} ({kind}) -> {path}", flush=True)
     os.makedirs(folder, exist_ok=True)
     write_json_atomic(record_path, {"args": args})
     code, seconds = run_module("pit_keras.image_labels", args, folder, "image_labels.log")
@@ -296,19 +306,20 @@ def make_image_labels(seed, output_dir, num_steps, features, alignment="none"):
     return None
 
 
-def run_all(rows, seeds, output_dir, num_steps, regressor_features):
-    """Trains every missing (row, seed), rows in table order; returns `{(row, seed): reason}` of failures."""
+def run_all(names, experiments, seeds, output_dir, num_steps=None):
+    """Trains every missing (experiment, seed), in table order; returns `{(name, seed): reason}` of failures."""
     failures = {}
-    for row in rows:
-        for seed in seeds:
-            if ROWS_BY_NAME[row].regressor_labels:
-                reason = make_image_labels(seed, output_dir, num_steps, regressor_features, ROWS_BY_NAME[row].alignment)
+    for name in names:
+        experiment = experiments[name]
+        for seed in seeds_of(experiment, seeds):
+            if experiment.image_labels:
+                reason = make_image_labels(seed, output_dir, experiments, num_steps, experiment.image_labels)
                 if reason:
-                    failures[(row, seed)] = f"no image labels: {reason}"
+                    failures[(name, seed)] = f"no image labels: {reason}"
                     continue
-            reason = train_one(row, seed, output_dir, num_steps)
+            reason = train_one(experiment, seed, output_dir, num_steps)
             if reason:
-                failures[(row, seed)] = reason
+                failures[(name, seed)] = reason
     return failures
 
 
@@ -323,11 +334,11 @@ def mean_std(values):
     return float(values.mean()), float(values.std(ddof=1)) if values.size > 1 else math.nan
 
 
-def collect_row(output_dir, row, seeds):
-    """The finished runs of a row: `{"seeds", "miou", "per_class_iou", "seconds", ...}`."""
+def collect_row(output_dir, experiment, seeds):
+    """The finished runs of an experiment: `{"seeds", "miou", "per_class_iou", "seconds", ...}`."""
     per_seed, per_class, seconds, classes = {}, {}, [], None
-    for seed in seeds:
-        folder = run_dir(output_dir, row, seed)
+    for seed in seeds_of(experiment, seeds):
+        folder = run_dir(output_dir, experiment.name, seed)
         if not is_done(folder):
             continue
         with open(os.path.join(folder, EVAL_FILE)) as f:
@@ -341,15 +352,16 @@ def collect_row(output_dir, row, seeds):
             seconds.append(record["seconds"])
     mean, std = mean_std(per_seed.values())
     class_means = {name: mean_std(values)[0] for name, values in per_class.items()}
-    return {"row": row, "label": ROWS_BY_NAME[row].label, "paper": ROWS_BY_NAME[row].paper,
-            "group": ROWS_BY_NAME[row].group, "seeds": sorted(per_seed), "miou_per_seed": per_seed,
-            "miou_mean": mean, "miou_std": std, "num_seeds": len(per_seed), "classes": classes,
-            "per_class_iou_mean": class_means, "seconds_mean": mean_std(seconds)[0]}
+    return {"row": experiment.name, "label": experiment.label, "paper": experiment.paper,
+            "table": experiment.table, "reference": experiment.reference, "flagfile": experiment.flagfile,
+            "seeds": sorted(per_seed), "miou_per_seed": per_seed, "miou_mean": mean, "miou_std": std,
+            "num_seeds": len(per_seed), "classes": classes, "per_class_iou_mean": class_means,
+            "seconds_mean": mean_std(seconds)[0]}
 
 
-def read_target_truth_shares(output_dir, seed, alignment="none"):
+def read_target_truth_shares(output_dir, seed, kind="regressor"):
     """Distances of a seed's regressor labels to the target truth, next to the source-mean prior (or None)."""
-    path = image_labels_path(output_dir, seed, alignment)
+    path = image_labels_path(output_dir, seed, kind)
     if not os.path.isfile(path):
         return None
     # Imported only when there is something to measure: these pull in TensorFlow.
@@ -371,16 +383,14 @@ def read_target_truth_shares(output_dir, seed, alignment="none"):
         "regressor": estimate[keep], "source-mean prior": np.broadcast_to(prior, (int(keep.sum()), 19))})
 
 
-def summarize(output_dir, rows, seeds, regressor_distances=True):
-    """Every number of the table: `{"rows": {name: collect_row(...)}, "regressor": {...}}`."""
-    summary = {"rows": {row: collect_row(output_dir, row, seeds) for row in rows}, "regressor": {},
-               "regressor_aligned": {}}
-    for alignment, key in (("none", "regressor"), ("standardize", "regressor_aligned")):
-        if LABELS_ROWS[alignment] in rows and regressor_distances:
-            for seed in seeds:
-                report = read_target_truth_shares(output_dir, seed, alignment)
-                if report is not None:
-                    summary[key][seed] = report
+def summarize(output_dir, names, experiments, seeds, regressor_distances=True):
+    """Every number of the table: `{"rows": {name: collect_row(...)}, "regressor": {kind: {seed: ...}}}`."""
+    summary = {"rows": {name: collect_row(output_dir, experiments[name], seeds) for name in names},
+               "regressor": {}}
+    kinds = sorted({experiments[name].image_labels for name in names if experiments[name].image_labels})
+    for kind in kinds if regressor_distances else ():
+        reports = {seed: read_target_truth_shares(output_dir, seed, kind) for seed in seeds}
+        summary["regressor"][kind] = {seed: r for seed, r in reports.items() if r is not None}
     return summary
 
 
@@ -426,8 +436,7 @@ def delta(entry, reference):
     return f"{entry['miou_mean'] - reference['miou_mean']:+.1f}"
 
 
-def markdown(summary, command, machine_info, seeds, num_steps, failures, notes=None, waiting=None,
-             regressor_features=None):
+def markdown(summary, command, machine_info, seeds, failures, notes=None):
     """The results page."""
     rows = summary["rows"]
     lines = [
@@ -443,83 +452,47 @@ def markdown(summary, command, machine_info, seeds, num_steps, failures, notes=N
         "",
         f"Machine: {machine_info['nproc']} CPU cores ({machine_info['cpu']}), Python {machine_info['python']}, "
         f"TensorFlow {machine_info['tensorflow']}, Keras {machine_info['keras']}; shared with other jobs, so run "
-        f"times are indicative. Written {datetime.date.today().isoformat()}.",
+        f"times are indicative.",
         "",
-        f"Every run: `python -m pit_keras.train --flagfile={FLAGFILE}` (tiny backbone, 256x128, batch 4 + 4, "
-        f"SGD lr 0.05 with poly decay, weight decay 1e-4) for {num_steps} steps, then the row's flags; the same "
-        f"data and step count for every row, seeds {', '.join(map(str, seeds))}. Target mIoU (%) on the "
-        "benchmark's 100 target val images: mean ± sample standard deviation over seeds. The paper's column "
-        "(ResNet-101, GTAV -> Cityscapes) is for orientation only: another backbone, other data.",
-        "",
-        "## Main rows",
-        "",
-        "| method | target mIoU | seeds | per seed | paper | wall time per run (s) |",
-        "|---|---|---|---|---|---|",
+        f"Every row is `python -m pit_keras.train --flagfile={EXPERIMENTS}/NAME.cfg --seed=S` (its flagfile is "
+        "named in the row): `flags/demo.cfg` (tiny backbone, 256x128, batch 4 + 4, SGD lr 0.05 with poly decay, "
+        "weight decay 1e-4, 1500 steps) and the experiment's flags; the same data, step count and evaluation "
+        f"(the last checkpoint, no selection on target val) for every row, seeds {', '.join(map(str, seeds))} "
+        "unless the row says one seed. Target mIoU (%) on the benchmark's 100 target val images: mean ± sample "
+        "standard deviation over seeds. The paper's column (ResNet-101, GTAV -> Cityscapes) is for orientation "
+        "only: another backbone, other data.",
     ]
-    for name in MAIN_ROWS:
-        if name not in rows:
+    for table, title in TABLES:
+        entries = [entry for entry in rows.values() if entry["table"] == table]
+        if not entries:
             continue
-        entry = rows[name]
-        lines.append(f"| {entry['label']} | {fmt_miou(entry)} | {entry['num_seeds']} | {fmt_seeds(entry)} | "
-                     f"{entry['paper']} | {fmt(entry['seconds_mean'], 0)} |")
-    if waiting:
-        lines += ["", f"*PIT, regressor image labels*: {waiting}"]
-    reference = rows.get("pit_gt")
-    table3 = [name for name in GROUPS["table3"] if name in rows and name != "pit_gt"]
-    if table3:
-        lines += ["", "## Ablations (paper Table 3), on PIT with ground-truth target image labels", "",
-                  "| setting | target mIoU | seeds | per seed | vs full | paper |", "|---|---|---|---|---|---|"]
-        if reference:
-            lines.append(f"| full (3 units, L_c, L_r on both domains) | {fmt_miou(reference)} | "
-                         f"{reference['num_seeds']} | {fmt_seeds(reference)} | | 50.6 |")
-        for name in table3:
-            entry = rows[name]
+        lines += ["", f"## {title}", "",
+                  "| setting | target mIoU | seeds | per seed | vs reference | paper | flagfile | s per run |",
+                  "|---|---|---|---|---|---|---|---|"]
+        for entry in entries:
+            reference = rows.get(entry["reference"])
+            versus = (f"{delta(entry, reference)} vs {reference['row']}" if reference else "")
             lines.append(f"| {entry['label']} | {fmt_miou(entry)} | {entry['num_seeds']} | {fmt_seeds(entry)} | "
-                         f"{delta(entry, reference)} | {entry['paper']} |")
-    table4 = [(units, name, paper) for units, name, paper in TABLE4 if name in rows]
-    if any(name != "pit_gt" for _, name, _ in table4):
-        lines += ["", "## Number of units (paper Table 4), on PIT with ground-truth target image labels", "",
-                  "| units | target mIoU | seeds | per seed | vs 3 units | paper |", "|---|---|---|---|---|---|"]
-        for units, name, paper in table4:
-            entry = rows[name]
-            lines.append(f"| {units} | {fmt_miou(entry)} | {entry['num_seeds']} | {fmt_seeds(entry)} | "
-                         f"{'' if name == 'pit_gt' else delta(entry, reference)} | {paper} |")
-    diagnostic = [r for r in ROWS if r.group == "diagnostic" and r.name in rows]
-    if diagnostic:
-        lines += ["", "## Diagnostic rows (not in the paper)", "",
-                  "| setting | target mIoU | seeds | per seed | vs its reference |", "|---|---|---|---|---|"]
-        for row in diagnostic:
-            entry = rows[row.name]
-            lines.append(f"| {entry['label']} | {fmt_miou(entry)} | {entry['num_seeds']} | {fmt_seeds(entry)} | "
-                         f"{delta(entry, rows.get(row.reference))} vs {REFERENCE_NAMES[row.reference]} |")
-    main = [rows[name] for name in MAIN_ROWS if name in rows and rows[name]["num_seeds"]]
+                         f"{versus} | {entry['paper']} | `{entry['row']}` | {fmt(entry['seconds_mean'], 0)} |")
+    main = [entry for entry in rows.values() if entry["table"] == "main" and entry["num_seeds"]]
     if main:
         classes = main[0]["classes"]
         lines += ["", "## Per-class IoU of the main rows (mean over seeds)", "",
-                  "| class | " + " | ".join(e["label"].split(" (")[0] for e in main) + " |",
-                  "|---|" + "---|" * len(main)]
+                  "| class | " + " | ".join(f"`{e['row']}`" for e in main) + " |", "|---|" + "---|" * len(main)]
         for name in classes:
             lines.append(f"| {name} | " + " | ".join(fmt(e["per_class_iou_mean"].get(name)) for e in main) + " |")
         lines.append("| **mIoU** | " + " | ".join(fmt(e["miou_mean"]) for e in main) + " |")
-    if summary["regressor"] or summary.get("regressor_aligned"):
-        source = ("the backbone of the same seed's source-only run (global-average pooled)"
-                  if regressor_features == BACKBONE_FEATURES else f"{regressor_features} with ImageNet weights")
-        lines += ["", "## The regressor's target image labels", "",
-                  f"Each seed's labels come from `python -m pit_keras.image_labels` (its default training) on "
-                  f"features of {source}.", ""]
-    if summary["regressor"]:
-        lines += ["Mean distance to the true class shares of the 400 target training images (lower is better):", "",
+    for kind, reports in summary["regressor"].items():
+        if not reports:
+            continue
+        lines += ["", f"## The regressor's target image labels ({kind})", "",
+                  "Each seed's labels come from `python -m pit_keras.image_labels --features=backbone` on the "
+                  "backbone of the same seed's `source_only` run"
+                  + (", features standardized per domain" if LABELS[kind] != "none" else "") + ". Mean distance "
+                  "to the true class shares of the 400 target training images (lower is better):", "",
                   "| seed | regressor chi-squared | source-mean prior chi-squared | regressor L1 | prior L1 |",
                   "|---|---|---|---|---|"]
-        for seed, report in sorted(summary["regressor"].items()):
-            lines.append(f"| {seed} | {report['regressor']['chi2']:.3f} | {report['source-mean prior']['chi2']:.3f} "
-                         f"| {report['regressor']['l1']:.3f} | {report['source-mean prior']['l1']:.3f} |")
-    if summary.get("regressor_aligned"):
-        lines += ["", f"The same regressor on features standardized per domain (`--feature_alignment=standardize`, "
-                  f"rows {ALIGNED_ROW}*):", "",
-                  "| seed | regressor chi-squared | source-mean prior chi-squared | regressor L1 | prior L1 |",
-                  "|---|---|---|---|---|"]
-        for seed, report in sorted(summary["regressor_aligned"].items()):
+        for seed, report in sorted(reports.items()):
             lines.append(f"| {seed} | {report['regressor']['chi2']:.3f} | {report['source-mean prior']['chi2']:.3f} "
                          f"| {report['regressor']['l1']:.3f} | {report['source-mean prior']['l1']:.3f} |")
     if failures:
@@ -530,7 +503,7 @@ def markdown(summary, command, machine_info, seeds, num_steps, failures, notes=N
     return "\n".join(lines) + "\n"
 
 
-def json_payload(summary, command, machine_info, seeds, num_steps, failures):
+def json_payload(summary, command, machine_info, seeds, failures):
     def clean(value):
         if isinstance(value, float) and not math.isfinite(value):
             return None
@@ -540,22 +513,19 @@ def json_payload(summary, command, machine_info, seeds, num_steps, failures):
             return [clean(v) for v in value]
         return value
 
-    return clean({"command": command, "machine": machine_info, "seeds": seeds, "num_steps": num_steps,
-                  "flagfile": FLAGFILE, "rows": summary["rows"], "regressor_distances": summary["regressor"],
-                  "regressor_distances_aligned": summary.get("regressor_aligned", {}),
+    return clean({"command": command, "machine": machine_info, "seeds": seeds, "rows": summary["rows"],
+                  "regressor_distances": summary["regressor"],
                   "failures": {f"{row}/seed_{seed}": reason for (row, seed), reason in failures.items()}})
 
 
-def write_results(summary, command, seeds, num_steps, failures, markdown_path, json_path, notes_path=None,
-                  waiting=None, regressor_features=None):
+def write_results(summary, command, seeds, failures, markdown_path, json_path, notes_path=None):
     info = machine()
     notes = None
     if notes_path and os.path.isfile(notes_path):
         with open(notes_path) as f:
             notes = f.read()
-    write_text_atomic(markdown_path, markdown(summary, command, info, seeds, num_steps, failures, notes, waiting,
-                                              regressor_features))
-    write_json_atomic(json_path, json_payload(summary, command, info, seeds, num_steps, failures))
+    write_text_atomic(markdown_path, markdown(summary, command, info, seeds, failures, notes))
+    write_json_atomic(json_path, json_payload(summary, command, info, seeds, failures))
 
 
 def main(argv):
@@ -563,27 +533,21 @@ def main(argv):
         raise UserError(f"unexpected argument {argv[1]!r} (flags are written --name=value).")
     if not FLAGS.output_dir:
         raise UserError("--output_dir is required (the folder of the runs).")
-    if FLAGS.num_steps <= 0:
+    if FLAGS.num_steps is not None and FLAGS.num_steps <= 0:
         raise UserError(f"--num_steps={FLAGS.num_steps}: must be positive.")
     seeds = parse_seeds(FLAGS.seeds)
-    rows = select_rows(FLAGS.rows)
+    experiments = load_experiments()
+    names = select_rows(FLAGS.rows, experiments)
     command = recorded_command(sys.argv[1:])
     os.chdir(REPO)
     failures = {}
     if not FLAGS.report_only:
-        failures = run_all(rows, seeds, FLAGS.output_dir, FLAGS.num_steps, FLAGS.regressor_features)
-    # Every row with finished runs in the folder is reported, also those not asked for this time.
-    reported = [row.name for row in ROWS if row.name in rows or any(
-        is_done(run_dir(FLAGS.output_dir, row.name, s)) for s in seeds)]
-    summary = summarize(FLAGS.output_dir, reported, seeds)
-    waiting = None
-    regressor_failures = [reason for (row, _), reason in failures.items() if row == REGRESSOR_ROW]
-    if REGRESSOR_ROW not in reported:
-        waiting = "not run (add it with `--rows=pit_regressor`)."
-    elif regressor_failures:
-        waiting = f"waits for the regressor: {regressor_failures[0]}"
-    write_results(summary, command, seeds, FLAGS.num_steps, failures, FLAGS.markdown, FLAGS.json, FLAGS.notes,
-                  waiting, FLAGS.regressor_features)
+        failures = run_all(names, experiments, seeds, FLAGS.output_dir, FLAGS.num_steps)
+    # Every experiment with finished runs in the folder is reported, also those not asked for this time.
+    reported = [name for name in experiments if name in names or any(
+        is_done(run_dir(FLAGS.output_dir, name, s)) for s in seeds)]
+    summary = summarize(FLAGS.output_dir, reported, experiments, seeds)
+    write_results(summary, command, seeds, failures, FLAGS.markdown, FLAGS.json, FLAGS.notes)
     print(f"wrote {FLAGS.markdown} and {FLAGS.json}")
     if failures:
         print(f"{len(failures)} run(s) failed; see the logs in their folders and rerun to retry.")

@@ -4,22 +4,27 @@ from pit_keras.data import cityscapes, classes, gta5, synthetic
 from pit_keras.errors import UserError
 
 
-def benchmark_roots(root):
-    """(source root, target root) of the embedded benchmark under `root`, generating it on first use."""
+def benchmark_roots(root, seed=None):
+    """(source root, target root) of the embedded benchmark under `root`, generating it on first use with
+    generator seed `seed` (0 if None). With `seed=None` a benchmark already under `root` is taken whatever its
+    generator seed; with a seed, one of another seed is refused."""
     try:
-        return synthetic.ensure(root)
+        if seed is None:
+            found = synthetic.read_params(root)
+            seed = found["seed"] if found is not None and "seed" in found else 0
+        return synthetic.ensure(root, seed=seed)
     except ValueError as err:
         raise UserError(str(err)) from None
 
 
-def source_pairs(name, root):
+def source_pairs(name, root, benchmark_seed=None):
     """`(pairs, reader)` of a labelled source: (image, label) paths and `reader(path) -> train ids`."""
     if name == "synthia":
         # Imported here: it needs TensorFlow, which commands that only read PNGs should not pay for.
         from pit_keras.data import synthia
         return synthia.list_pairs(root), synthia.read_train_ids
     if name == "synthetic":
-        root = benchmark_roots(root)[0]
+        root = benchmark_roots(root, benchmark_seed)[0]
     return gta5.list_pairs(root), gta5.read_train_ids
 
 
@@ -31,7 +36,7 @@ def _read_train16(path):
     return _TRAIN19_TO_TRAIN16[cityscapes.read_train_ids(path)]
 
 
-def target_pairs(name, root, split, require_labels=False, num_classes=19):
+def target_pairs(name, root, split, require_labels=False, num_classes=19, benchmark_seed=None):
     """`(pairs, reader, root)` of a target split: (image, label or None) paths, the label reader, and the
     dataset root the image-labels JSON keys are relative to.
 
@@ -41,6 +46,6 @@ def target_pairs(name, root, split, require_labels=False, num_classes=19):
     if num_classes not in (19, 16):
         raise ValueError(f"num_classes={num_classes}: targets are read in 19 or 16 classes.")
     if name == "synthetic":
-        root = benchmark_roots(root)[1]
+        root = benchmark_roots(root, benchmark_seed)[1]
     reader = cityscapes.read_train_ids if num_classes == 19 else _read_train16
     return cityscapes.list_images(root, split, require_labels), reader, root

@@ -310,6 +310,11 @@ def _occupied(root):
     return os.path.exists(root) and (not os.path.isdir(root) or bool(os.listdir(root)))
 
 
+def read_params(root):
+    """The parameters of the benchmark under `root` (its benchmark.json), or None."""
+    return _read_params(root)
+
+
 def _read_params(root):
     try:
         with open(os.path.join(root, "benchmark.json")) as f:

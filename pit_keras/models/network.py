@@ -60,6 +60,14 @@ def interaction_weights(network):
     return network.get_layer(RECONSTRUCTION_LAYER).w
 
 
+def head_variables(network):
+    """The trainable variables of the layers that are new to the backbone: the fine head, every coarse head
+    and the reconstruction's w^k."""
+    names = {"fine_head", RECONSTRUCTION_LAYER} | {layer.name for layer in network.layers
+                                                   if layer.name.startswith("coarse_head_")}
+    return [v for layer in network.layers if layer.name in names for v in layer.trainable_variables]
+
+
 def fine_segmenter(network):
     """The deployable segmenter: image -> fine logits `"seg"` at the input size, without the coarse units."""
     return keras.Model(network.input, network.get_layer("seg").output, name=f"{network.name}_fine")

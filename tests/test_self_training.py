@@ -1,0 +1,183 @@
+"""Self-training (pit_keras/self_training.py and the trainer's st_trg term): the EMA teacher and the confidence
+weight against numpy, ClassMix alignment, teacher BatchNorm modes, and a mirrored step that equals a one-device
+step with self-training and ClassMix on."""
+
+import subprocess
+import sys
+import textwrap
+import os
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO
+from pit_keras import losses, self_training
+from pit_keras.models.network import build_network
+from pit_keras.trainer import PITTrainer, SelfTraining
+
+C = 5
+
+
+def small_network(units=0, seed=0):
+    keras.utils.set_random_seed(seed)
+    return build_network("tiny", C, units)
+
+
+def test_ema_update_matches_numpy():
+    network = small_network()
+    teacher = self_training.EMATeacher(network, ema=0.9)
+    before = [v.numpy().copy() for v in teacher.trainable_copies + teacher.non_trainable_copies]
+    students = [v.numpy() for v in network.trainable_variables + network.non_trainable_variables]
+    assert all(np.array_equal(a, b) for a, b in zip(before, students))  # starts as a copy
+    rng = np.random.default_rng(0)
+    for v in network.trainable_variables + network.non_trainable_variables:
+        v.assign(v.numpy() + rng.normal(size=v.shape).astype(np.float32))
+    moved = [v.numpy() for v in network.trainable_variables + network.non_trainable_variables]
+    teacher.update(5)  # alpha = min(1 - 1/5, 0.9) = 0.8
+    after = [v.numpy() for v in teacher.trainable_copies + teacher.non_trainable_copies]
+    for old, new, student in zip(before, after, moved):
+        np.testing.assert_allclose(new, 0.8 * old + 0.2 * student, rtol=1e-6, atol=1e-6)
+    teacher.update(100)  # alpha = 0.9
+    final = [v.numpy() for v in teacher.trainable_copies]
+    for old, new, student in zip(after, final, moved):
+        np.testing.assert_allclose(new, 0.9 * old + 0.1 * student, rtol=1e-6, atol=1e-6)
+    teacher.update(1)  # the first step copies the student
+    for copy, student in zip(teacher.trainable_copies, moved):
+        np.testing.assert_allclose(copy.numpy(), student, rtol=1e-6, atol=1e-6)
+
+
+def test_pseudo_labels_and_confidence_weight_match_numpy():
+    rng = np.random.default_rng(1)
+    probabilities = rng.dirichlet(np.ones(C) * 0.3, size=(3, 8, 6)).astype(np.float32)
+    labels, weight = self_training.pseudo_labels(tf.constant(probabilities), 0.7)
+    np.testing.assert_array_equal(labels.numpy(), probabilities.argmax(-1))
+    expected = (probabilities.max(-1) >= 0.7).mean(axis=(1, 2))
+    np.testing.assert_allclose(weight.numpy(), expected, rtol=1e-6)
+    assert 0 < expected.min() and expected.max() < 1  # the test data has both kinds of pixel
+
+
+def test_weighted_cross_entropy_matches_numpy():
+    rng = np.random.default_rng(2)
+    logits = rng.normal(size=(2, 4, 5, C)).astype(np.float32)
+    labels = rng.integers(0, C, (2, 4, 5))
+    labels[0, 0] = 255
+    weights = rng.uniform(size=(2, 4, 5)).astype(np.float32)
+    log_p = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    valid = labels != 255
+    ce = -np.take_along_axis(log_p, np.where(valid, labels, 0)[..., None], -1)[..., 0]
+    expected = (ce * weights * valid).sum((1, 2)) / valid.sum((1, 2))
+    got = losses.weighted_pixel_cross_entropy(tf.constant(labels), tf.constant(logits), tf.constant(weights))
+    np.testing.assert_allclose(got.numpy(), expected, rtol=1e-5)
+
+
+def test_classmix_keeps_image_and_label_aligned():
+    rng = np.random.default_rng(3)
+    source_label = rng.integers(0, C, (4, 16, 12)).astype(np.int32)
+    source_label[:, :2] = 255
+    source_image = source_label[..., None].astype(np.float32) * np.ones(3, np.float32)  # pixel value = its class
+    target_image = np.full((4, 16, 12, 3), 200.0, np.float32)
+    pseudo = np.full((4, 16, 12), 3, np.int32)
+    keys = self_training.global_example_keys(7, 0, 4, C)
+    mask = self_training.classmix_masks(tf.constant(source_label), keys, C).numpy()
+    image = self_training.mix(tf.constant(mask), tf.constant(source_image), tf.constant(target_image)).numpy()
+    label = np.where(mask, source_label, pseudo)
+    # Every pasted pixel shows its source class in both image and label; every other pixel is the target's.
+    np.testing.assert_array_equal(image[..., 0][mask], label[mask])
+    assert (image[~mask] == 200).all() and (label[~mask] == 3).all()
+    assert not mask[:, :2].any()  # ignored source pixels are never pasted
+    for b in range(4):
+        present = set(np.unique(source_label[b][source_label[b] != 255]))
+        pasted = set(np.unique(source_label[b][mask[b]]))
+        assert len(pasted) == (len(present) + 1) // 2 and pasted <= present
+        # A class is pasted whole or not at all.
+        for c in present:
+            assert mask[b][source_label[b] == c].all() or not mask[b][source_label[b] == c].any()
+    # Another step draws other classes.
+    other = self_training.classmix_masks(tf.constant(source_label), self_training.global_example_keys(7, 1, 4, C), C)
+    assert not np.array_equal(other.numpy(), mask)
+
+
+def test_teacher_normalises_target_batches_with_their_own_statistics():
+    network = small_network()
+    images = tf.constant(np.random.default_rng(4).uniform(0, 255, (2, 32, 32, 3)).astype(np.float32))
+    batch_teacher = self_training.EMATeacher(network, teacher_bn="target_batch")
+    running_teacher = self_training.EMATeacher(network, teacher_bn="running")
+    # Before the student's training-mode call, which moves its running statistics.
+    np.testing.assert_allclose(running_teacher.outputs(images)["seg"].numpy(),
+                               network(images, training=False)["seg"].numpy(), rtol=1e-4, atol=1e-4)
+    np.testing.assert_allclose(batch_teacher.outputs(images)["seg"].numpy(),
+                               network(images, training=True)["seg"].numpy(), rtol=1e-4, atol=1e-4)
+    assert not np.allclose(batch_teacher.outputs(images)["seg"].numpy(),
+                           running_teacher.outputs(images)["seg"].numpy(), atol=1e-4)
+    # The teacher's call leaves its running statistics (and the student's) alone.
+    stats = [v.numpy().copy() for v in batch_teacher.non_trainable_copies]
+    batch_teacher.outputs(images)
+    assert all(np.array_equal(a, v.numpy()) for a, v in zip(stats, batch_teacher.non_trainable_copies))
+
+
+def test_self_training_term_is_trained_and_ramped():
+    network = small_network(units=1)
+    trainer = PITTrainer(network, C, "source_only", self_training=SelfTraining(start=2, ramp=2, threshold=0.0))
+    trainer.build_teacher()
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01))
+    assert trainer.uses_target and set(trainer.term_weights) == {"seg_src", "st_trg"}
+    scales = []
+    for step in range(5):
+        trainer.optimizer.iterations.assign(step)
+        scales.append(float(trainer._dynamic_scale("st_trg")))
+    assert scales == [0.0, 0.0, 0.0, 0.5, 1.0]
+
+
+MIRRORED_ST = textwrap.dedent("""
+    import sys
+    import numpy as np
+    import tensorflow as tf
+    import keras
+    from pit_keras import distribute, self_training
+    from pit_keras.models.network import build_network
+    from pit_keras.trainer import PITTrainer, SelfTraining
+
+    distribute.configure_cpu_replicas(2)
+    if sys.argv[1] == "per_replica_masks":
+        # Every replica draws its own examples' classes from the same stream: not what one device draws.
+        self_training.global_example_keys = lambda seed, step, batch_size, num_classes: tf.random.stateless_uniform(
+            [batch_size, num_classes], seed=tf.stack([tf.cast(seed, tf.int64), tf.cast(step, tf.int64)]))
+
+    C, N = 4, 4
+    rng = np.random.default_rng(0)
+    batch = {"source_image": rng.uniform(0, 255, (N, 32, 32, 3)).astype(np.float32),
+             "source_label": rng.integers(0, C, (N, 32, 32)).astype(np.uint8),
+             "target_image": rng.uniform(0, 255, (N, 32, 32, 3)).astype(np.float32),
+             "target_image_labels": np.zeros((N, C), np.float32)}
+    batch["source_label"][:, :8] = rng.integers(0, C, (N, 1, 1))  # whole-class regions
+    batch["source_label"][:, :3] = 255
+
+    def run(strategy):
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            trainer = PITTrainer(build_network("tiny", C, 3), C, "pit", image_labels_from_teacher=True,
+                                 self_training=SelfTraining(threshold=0.3, ema=0.9))
+            trainer.build_teacher()
+            trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+        trainer.fit(tf.data.Dataset.from_tensors(batch).repeat(), epochs=1, steps_per_epoch=3, verbose=0,
+                    shuffle=False)
+        return [v.numpy() for v in trainer.network.trainable_weights + trainer.teacher.trainable_copies]
+
+    single = run(tf.distribute.get_strategy())
+    mirrored = run(tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"]))
+    print(max(float(np.abs(a - b).max()) for a, b in zip(single, mirrored)))
+""")
+
+
+@pytest.mark.parametrize("masks", ["global", "per_replica_masks"])
+def test_mirrored_self_training_step_equals_one_device(masks):
+    result = subprocess.run([sys.executable, "-c", MIRRORED_ST, masks], cwd=REPO, capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+    assert result.returncode == 0, result.stderr[-3000:]
+    difference = float(result.stdout.strip().splitlines()[-1])
+    if masks == "global":
+        assert difference < 2e-5
+    else:
+        assert difference > 1e-3
