@@ -37,7 +37,7 @@ def check_or_write_run_config(model_dir, config):
 
 
 def _checkpoint(network, optimizer=None, teacher=None):
-    objects = {"network": network, "optimizer": optimizer, "teacher": teacher}
+    objects = {"network": network, "optimizer": optimizer, "teacher": teacher and teacher.checkpoint()}
     return tf.train.Checkpoint(**{name: value for name, value in objects.items() if value is not None})
 
 

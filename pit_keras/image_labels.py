@@ -6,7 +6,7 @@
 One softmax layer on frozen Inception-ResNet-v2 features (ImageNet), trained on the source images' class shares,
 then applied to the target training images. The JSON feeds `python -m pit_keras.train --image_labels=`. Where
 the target has labels, the chi-squared distance to their true shares is printed next to two priors (the source
-mean, uniform): an estimate no closer than the source-mean prior carries no information (DESIGN.md section 6).
+mean, uniform): an estimate no closer than the source-mean prior carries no information.
 """
 
 import os

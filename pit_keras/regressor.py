@@ -7,9 +7,8 @@ and cached as `.npz` (no pickle), so retraining the softmax layer with other set
 
 Training follows the paper's 5.2: SGD, learning rate 1e-4, momentum 0.9, exponential decay 0.99 per epoch with
 a floor of 1e-6, soft-label cross-entropy. The layer starts at the source-mean prior (zero weights, bias = log of
-the mean source shares), so training moves it away from that prior only as far as the features justify: DESIGN.md
-section 6 warns that a regressor can end up further from the target's truth than the prior, and the report
-prints both.
+the mean source shares), so training moves it away from that prior only as far as the features justify: a
+regressor can end up further from the target's truth than the prior, and the report prints both.
 """
 
 import dataclasses

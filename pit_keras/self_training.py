@@ -55,6 +55,13 @@ class EMATeacher(keras.layers.Layer):
         copy.assign(variable)
         return copy
 
+    def checkpoint(self):
+        """The teacher's variables as a `tf.train.Checkpoint` (Keras keeps them in lists that TensorFlow's
+        checkpoints do not follow)."""
+        named = {f"trainable_{i}": v for i, v in enumerate(self.trainable_copies)}
+        named.update({f"non_trainable_{i}": v for i, v in enumerate(self.non_trainable_copies)})
+        return tf.train.Checkpoint(**named)
+
     def pairs(self):
         network = self._network()
         return list(zip(self.trainable_copies, network.trainable_variables)) + list(

@@ -1,5 +1,5 @@
 """The paper's flagfiles compose (nested --flagfile= lines), parse with every flag known to its command, and
-hold the values of DESIGN.md section 1; each opens with the command, hardware, runtime and expected result."""
+hold the paper's values (docs/method.md); each opens with the command, hardware, runtime and expected result."""
 
 import json
 import pathlib
@@ -90,3 +90,40 @@ def test_flagfiles_open_with_command_hardware_runtime_and_result(path):
         assert "python -m pit_keras." in text and f"--flagfile={path}" in text
         assert "Expected result" in text or "Result:" in text
         assert "Hardware" in text or "hardware and runtime as" in text
+
+
+def interaction_weights_below_a_tenth_of_the_heads(configs):
+    """The PIT flagfiles whose w^k learn at less than a tenth of the heads' rate: the effective rates are
+    lr * head_lr_multiplier * interaction_lr_multiplier (w^k) and lr * head_lr_multiplier (heads)."""
+    slow = {}
+    for path, config in configs.items():
+        if config["method"] != "pit":
+            continue
+        heads = config["learning_rate"] * config.get("head_lr_multiplier", 1.0)
+        w = heads * config["interaction_lr_multiplier"]
+        if not w >= 0.1 * heads:
+            slow[path] = (w, heads)
+    return slow
+
+
+@pytest.mark.parametrize("mistake", [None, "inherits_0.01"])
+def test_every_train_flagfile_trains_the_interaction_weights(tmp_path, mistake):
+    files = list(TRAIN_FILES)
+    if mistake:
+        # A paper flagfile that inherits the old --interaction_lr_multiplier=0.01 (the w^k frozen at 1/K).
+        scratch = tmp_path / "gta2cs_frozen_w.cfg"
+        scratch.write_text((REPO / "flags/gta2cs.cfg").read_text() + "--interaction_lr_multiplier=0.01\n")
+        files.append(str(scratch))
+    configs = parse("train", files)
+    assert len(configs) == len(files)
+    slow = interaction_weights_below_a_tenth_of_the_heads(configs)
+
+    def check():
+        assert not slow, f"w^k learn at less than a tenth of the heads' rate (w^k rate, heads' rate): {slow}"
+
+    if mistake:
+        with pytest.raises(AssertionError):
+            check()
+        assert list(slow) == [str(tmp_path / "gta2cs_frozen_w.cfg")], slow
+    else:
+        check()

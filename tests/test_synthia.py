@@ -15,7 +15,7 @@ from conftest import REPO
 from pit_keras.data import datasets, pipeline, synthia
 from pit_keras.errors import UserError
 
-# SYNTHIA class id -> 16-class train id, written out independently of classes.py (DESIGN.md section 2).
+# SYNTHIA class id -> 16-class train id, written out independently of classes.py (the SYNTHIA-RAND-CITYSCAPES class table).
 EXPECTED_TRAIN16 = {3: 0, 4: 1, 2: 2, 21: 3, 5: 4, 7: 5, 15: 6, 9: 7, 6: 8, 1: 9, 10: 10, 17: 11, 8: 12,
                     19: 13, 12: 14, 11: 15}
 # Cityscapes label id -> 16-class train id: the 19 train classes without terrain (22), truck (27), train (31).
