@@ -1,0 +1,624 @@
+"""Tests that guard the method (issue 13): each one is shown to fail on a deliberate mistake, in a "mistake"
+variant that makes it in the library (monkeypatched) and expects the check to turn red.
+
+- `compute_terms` term by term against `losses.*` on the network's own outputs (each unit with its own r);
+- one step under mixed_float16, mixed_bfloat16 and XLA moves the weights as a float32 step does;
+- the reparameterisation of Eq. 1 as printed (r on W equals r = 1 on rW), and its absence under the normalised form;
+- `--eval_every` keeps the best checkpoint, `restore_network(..., "best")` loads it and `evaluate_run` reports it;
+- the optimizer of `training.build_trainer`: weight decay skips the w^k, the poly learning rate, and the head and
+  w^k learning-rate multipliers under MirroredStrategy;
+- two workers against one process fed the same global batches;
+- at a paper flagfile's optimiser settings the w^k leave 1/K.
+
+The expensive mistake variants (a second multi-worker run, a second training run) are marked slow.
+"""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import keras
+import numpy as np
+import pytest
+import tensorflow as tf
+
+from conftest import REPO
+from pit_keras import callbacks, checkpoints, evaluation, losses, training
+from pit_keras.models.network import build_network, interaction_weights
+from pit_keras.trainer import PITTrainer
+from test_distribute import free_ports, run_python
+
+C = 4
+
+
+def random_batch(n=2, size=32, seed=0, zero_shares=False):
+    """A PIT batch with some void source pixels; `zero_shares` gives each target image a class it lacks."""
+    rng = np.random.default_rng(seed)
+    shares = rng.dirichlet(np.ones(C), n).astype(np.float32)
+    if zero_shares:
+        shares[np.arange(n), np.arange(n) % C] = 0.0
+        shares /= shares.sum(axis=1, keepdims=True)
+    batch = {
+        "source_image": rng.uniform(0, 255, (n, size, size, 3)).astype(np.float32),
+        "source_label": rng.integers(0, C, (n, size, size)).astype(np.uint8),
+        "target_image": rng.uniform(0, 255, (n, size, size, 3)).astype(np.float32),
+        "target_image_labels": shares,
+    }
+    batch["source_label"][:, :4] = 255
+    # One class absent from the first source image, so presence labels are not all ones.
+    batch["source_label"][0][batch["source_label"][0] == C - 1] = 0
+    return batch
+
+
+def benchmark_config(bench, **overrides):
+    """A run configuration on the tiny generated benchmark (conftest.tiny_benchmark)."""
+    config = {
+        "source": "gta5", "source_root": str(bench / "gta5"), "target": "cityscapes",
+        "target_root": str(bench / "cityscapes"), "source_size": [64, 32], "target_size": [64, 32],
+        "backbone": "tiny", "backbone_weights": "none", "num_classes": 19, "class_set": "cityscapes19",
+        "method": "pit", "lse_r": [0.5, 1.0, 1.5], "lse_normalize": False, "lambda_c": 0.5, "lambda_r": 0.5,
+        "lambda_ent": 0.001, "recon_domains": ["source", "target"], "loss_resolution": "feature",
+        "interaction_lr_multiplier": 1.0, "head_lr_multiplier": 1.0, "image_loss_reduction": "mean",
+        "image_labels": "ground_truth", "batch_size": 4, "num_steps": 4, "learning_rate": 0.01, "momentum": 0.9,
+        "weight_decay": 0.0, "poly_power": 0.9, "seed": 0,
+    }
+    config.update(overrides)
+    return config
+
+
+def expect(check, mistake):
+    """Runs `check`; with a deliberate mistake in place it must turn red (raise AssertionError)."""
+    if mistake:
+        with pytest.raises(AssertionError):
+            check()
+    else:
+        check()
+
+
+# === 1. compute_terms term by term ===
+
+R = (0.5, 1.0, 2.0)
+W = (0.2, 0.3, 0.6)
+
+
+def distinct_units(network, seed=1):
+    """Gives every coarse head its own weights and bias (different scales) and the w^k distinct values."""
+    rng = np.random.default_rng(seed)
+    for k in range(len(R)):
+        kernel, bias = network.get_layer(f"coarse_head_{k}").weights
+        kernel.assign(rng.normal(0, 0.3 * (k + 1), kernel.shape).astype(np.float32))
+        bias.assign(rng.normal(0, 0.5, bias.shape).astype(np.float32))
+    interaction_weights(network).assign(np.array(W, np.float32))
+
+
+def expected_terms(network, batch, normalize, reduction, kind, resolution):
+    """The terms computed with `losses.*` on the network's outputs, unit by unit, and the per-unit L_c."""
+    suffix = "_feat" if resolution == "feature" else ""
+    w = interaction_weights(network)
+    terms, per_unit = {}, {}
+    labels = {"src": losses.image_level_labels(batch["source_label"], C),
+              "trg": tf.constant(batch["target_image_labels"])}
+    for tag, image in (("src", batch["source_image"]), ("trg", batch["target_image"])):
+        out = network(image, training=True)
+        target = labels[tag] if kind == "shares" else tf.cast(labels[tag] > 0, tf.float32)
+        cams = [out[f"cam_{k}{suffix}"] for k in range(len(R))]
+        per_unit[tag] = [losses.image_level_bce(target, losses.lse_pool(cam, r, normalize), reduction).numpy()
+                         for cam, r in zip(cams, R)]
+        terms[f"img_{tag}"] = np.sum(per_unit[tag], axis=0)
+        terms[f"rec_{tag}"] = losses.reconstruction_loss(cams, w, out[f"seg{suffix}"]).numpy()
+        if tag == "src":
+            terms["seg_src"] = losses.pixel_cross_entropy(batch["source_label"], out["seg"]).numpy()
+    return terms, per_unit
+
+
+def first_unit_map(self, outputs):
+    """The mistake: every coarse unit's map is the first unit's."""
+    suffix = "_feat" if self.loss_resolution == "feature" else ""
+    return [outputs[f"cam_0{suffix}"]] * len(self.lse_r), outputs[f"seg{suffix}"]
+
+
+@pytest.mark.parametrize("normalize,reduction,kind,resolution,mistake", [
+    (False, "sum", "shares", "feature", None),
+    (False, "mean", "shares", "feature", None),
+    (True, "sum", "shares", "feature", None),
+    (True, "mean", "shares", "feature", None),
+    (True, "mean", "presence", "feature", None),
+    (False, "sum", "shares", "input", None),
+    (False, "sum", "shares", "feature", "first_unit_map"),
+    (True, "mean", "shares", "feature", "first_unit_map"),
+])
+def test_compute_terms_equals_the_losses_on_the_networks_outputs(monkeypatch, normalize, reduction, kind,
+                                                                 resolution, mistake):
+    if mistake:
+        monkeypatch.setattr(PITTrainer, "_unit_maps", first_unit_map)
+    keras.utils.set_random_seed(0)
+    network = build_network("tiny", C, num_units=len(R))
+    distinct_units(network)
+    trainer = PITTrainer(network, C, "pit", lse_r=R, lse_normalize=normalize, lambda_c=0.5, lambda_r=0.5,
+                         image_loss_reduction=reduction, image_label_kind=kind, loss_resolution=resolution)
+    batch = random_batch(zero_shares=True)
+    # In training mode, as train_step calls it (BatchNorm on the batch's statistics).
+    got = {name: value.numpy() for name, value in trainer.compute_terms(batch, training=True).items()}
+    expected, per_unit = expected_terms(network, batch, normalize, reduction, kind, resolution)
+    assert set(got) == set(expected) == {"seg_src", "img_src", "img_trg", "rec_src", "rec_trg"}
+    # The units must really differ on this batch, or the check could not tell them apart.
+    for tag in ("src", "trg"):
+        unit_means = [float(np.mean(u)) for u in per_unit[tag]]
+        assert min(abs(a - b) for i, a in enumerate(unit_means) for b in unit_means[i + 1:]) > 1e-2, unit_means
+    errors = {name: float(np.max(np.abs(got[name] - expected[name]) / (np.abs(expected[name]) + 1e-6)))
+              for name in expected}
+
+    def check():
+        assert max(errors.values()) < 1e-5, errors
+
+    expect(check, mistake)
+    if mistake:
+        assert errors["img_src"] > 1e-2 and errors["img_trg"] > 1e-2, errors
+
+
+# === 2. one step under mixed precision and XLA moves the weights as float32 does ===
+
+@pytest.fixture
+def policy():
+    yield keras.mixed_precision.set_global_policy
+    keras.mixed_precision.set_global_policy("float32")
+
+
+def one_step_update(policy_name, initial, jit=False, learning_rate=1e-3):
+    """The change of every trainable weight after one plain-SGD step from `initial` (or the seed-0 weights)."""
+    keras.mixed_precision.set_global_policy(policy_name)
+    keras.utils.set_random_seed(0)
+    network = build_network("tiny", C, 3)
+    if initial is not None:
+        for v, value in zip(network.trainable_variables, initial):
+            v.assign(value)
+    before = [v.numpy() for v in network.trainable_variables]
+    trainer = PITTrainer(network, C, "pit")
+    trainer.compile(optimizer=keras.optimizers.SGD(learning_rate), jit_compile=jit)
+    trainer.fit(tf.data.Dataset.from_tensors(random_batch()).repeat(), epochs=1, steps_per_epoch=1, verbose=0,
+                shuffle=False)
+    keras.mixed_precision.set_global_policy("float32")
+    return before, [v.numpy() - b for v, b in zip(network.trainable_variables, before)], trainer
+
+
+_FLOAT32_STEP = {}
+
+
+def float32_step():
+    if not _FLOAT32_STEP:
+        before, delta, _ = one_step_update("float32", None)
+        _FLOAT32_STEP.update(before=before, delta=delta)
+    return _FLOAT32_STEP["before"], _FLOAT32_STEP["delta"]
+
+
+# Relative error of the whole update: bfloat16 keeps 8 bits of mantissa, and the BatchNorm gradients of a
+# random batch are sums that cancel, so its update is noisier (measured ~0.2) than float16's (~0.08).
+UPDATE_TOLERANCE = {"mixed_bfloat16": 0.3, "mixed_float16": 0.15, "float32": 1e-3}
+
+
+@pytest.mark.parametrize("name,jit,mistake", [
+    ("mixed_bfloat16", False, None),
+    ("mixed_float16", False, None),
+    ("float32", True, None),
+    ("mixed_float16", False, "loss_not_scaled"),
+])
+def test_one_step_moves_the_weights_as_a_float32_step_does(policy, monkeypatch, name, jit, mistake):
+    before, reference = float32_step()
+    if mistake:
+        # train_step no longer scales the loss; LossScaleOptimizer.apply still divides the gradients by the scale.
+        monkeypatch.setattr(keras.optimizers.LossScaleOptimizer, "scale_loss", lambda self, loss: loss)
+    _, delta, trainer = one_step_update(name, before, jit=jit)
+    if name == "mixed_float16":
+        assert isinstance(trainer.optimizer, keras.optimizers.LossScaleOptimizer)
+    norm = np.sqrt(sum(float(np.sum(r ** 2)) for r in reference))
+    error = np.sqrt(sum(float(np.sum((d - r) ** 2)) for d, r in zip(delta, reference))) / norm
+    # The update's size along the float32 one: 1 when right, 0.5 or 2 for an update off by 2x.
+    scale = sum(float(np.sum(d * r)) for d, r in zip(delta, reference)) / norm ** 2
+    w_index = [v.path for v in trainer.network.trainable_variables].index(interaction_weights(trainer.network).path)
+    assert np.all(reference[w_index] != 0)  # the step trains the w^k too
+    print(f"{name} jit={jit}: relative error of the update {error:.4f}, scale {scale:.4f}")
+
+    def check():
+        assert error < UPDATE_TOLERANCE[name] and abs(scale - 1) < 0.1, (error, scale)
+
+    expect(check, mistake)
+
+
+# === 3. Eq. 1 as printed: r on W is r = 1 on rW ===
+
+def linear_maps(r, seed=0):
+    """Features F, and the class maps of a linear head on them: S = F W + b, and S' = F (rW) + r b."""
+    rng = np.random.default_rng(seed)
+    features = rng.normal(size=(3, 6, 5, 8)).astype(np.float64)
+    kernel, bias = rng.normal(size=(8, C)), rng.normal(size=(C,))
+    return (tf.constant(features @ kernel + bias, tf.float32),
+            tf.constant(features @ (r * kernel) + r * bias, tf.float32))
+
+
+def check_reparameterisation():
+    for r in (0.5, 1.5, 3.0):
+        cam, scaled = linear_maps(r)
+        printed = losses.lse_pool(cam, r, normalize=False).numpy()
+        np.testing.assert_allclose(printed, losses.lse_pool(scaled, 1.0, normalize=False).numpy(),
+                                   rtol=1e-5, atol=1e-5)
+        normalised = losses.lse_pool(cam, r, normalize=True).numpy()
+        difference = np.abs(normalised - losses.lse_pool(scaled, 1.0, normalize=True).numpy()).max()
+        assert difference > 0.1, (r, difference)
+
+
+def check_reparameterisation_in_the_network():
+    """The same through the trainer: one unit with r on its head equals one with r = 1 on the head scaled by r."""
+    r = 2.0
+    keras.utils.set_random_seed(0)
+    network = build_network("tiny", C, num_units=1)
+    batch = random_batch()
+    kernel, bias = network.get_layer("coarse_head_0").weights
+    rng = np.random.default_rng(1)
+    kernel.assign(rng.normal(0, 0.3, kernel.shape).astype(np.float32))
+    bias.assign(rng.normal(0, 0.5, bias.shape).astype(np.float32))
+    for normalize in (False, True):
+        kernel_value, bias_value = kernel.numpy(), bias.numpy()
+        with_r = PITTrainer(network, C, "pit", lse_r=(r,), lse_normalize=normalize).compute_terms(batch, True)
+        kernel.assign(r * kernel_value)
+        bias.assign(r * bias_value)
+        scaled = PITTrainer(network, C, "pit", lse_r=(1.0,), lse_normalize=normalize).compute_terms(batch, True)
+        kernel.assign(kernel_value)
+        bias.assign(bias_value)
+        difference = max(float(np.abs(with_r[t].numpy() - scaled[t].numpy()).max()) for t in ("img_src", "img_trg"))
+        if normalize:
+            assert difference > 1e-3, difference
+        else:
+            assert difference < 1e-5, difference
+
+
+@pytest.mark.parametrize("mistake", [None, "always_printed", "always_normalised"])
+def test_printed_lse_reparameterises_r_into_the_head_and_the_normalised_form_does_not(monkeypatch, mistake):
+    if mistake:
+        real = losses.lse_pool
+        form = mistake == "always_normalised"
+        monkeypatch.setattr(losses, "lse_pool", lambda cam, r, normalize=False: real(cam, r, form))
+    expect(check_reparameterisation, mistake)
+    expect(check_reparameterisation_in_the_network, mistake)
+
+
+# === 4. --eval_every and the best checkpoint ===
+
+def run_with_validation(bench, model_dir, monkeypatch, mious):
+    """training.run with --eval_every=2 over 6 steps; the three validations report `mious` (the real evaluation
+    runs; only its mIoU is replaced, so that the best is neither the first nor the last)."""
+    real = evaluation.evaluate
+    calls = []
+
+    def evaluate(*args, progress=True, **kwargs):
+        result = real(*args, progress=progress, **kwargs)
+        if progress:  # the final evaluation of evaluate_run
+            return result
+        calls.append(result["miou"])
+        return {**result, "miou": mious[len(calls) - 1]}
+
+    monkeypatch.setattr(evaluation, "evaluate", evaluate)
+    config = benchmark_config(bench, num_steps=6, batch_size=2)
+    trainer, result = training.run(config, str(model_dir), log_every=2, image_every=0, checkpoint_every=2,
+                                   keep_checkpoints=3, verbose=0, eval_every=2)
+    assert len(calls) == 3
+    return config, trainer, result
+
+
+def best_is_the_latest(real):
+    def on_train_batch_end(self, batch, logs=None):
+        self.best = -1.0  # the mistake: every evaluation replaces the "best"
+        return real(self, batch, logs)
+    return on_train_batch_end
+
+
+@pytest.mark.parametrize("mistake", [None, "best_is_the_latest"])
+def test_eval_every_keeps_restores_and_reports_the_best_checkpoint(tiny_benchmark, tmp_path, monkeypatch, mistake):
+    if mistake:
+        monkeypatch.setattr(callbacks.Validation, "on_train_batch_end",
+                            best_is_the_latest(callbacks.Validation.on_train_batch_end))
+    model_dir = tmp_path / "run"
+    config, trainer, result = run_with_validation(tiny_benchmark, model_dir, monkeypatch, [10.0, 30.0, 20.0])
+    best_file = model_dir / "best" / "best.json"
+    best = json.loads(best_file.read_text())
+
+    def check():
+        assert best == {"step": 4, "miou": 30.0, "checkpoint": "ckpt-4"}, best
+        network = build_network("tiny", config["num_classes"], num_units=3)
+        path = checkpoints.restore_network(network, str(model_dir), "best")
+        assert path == str(model_dir / "best" / "ckpt-4")
+        last = trainer.network.get_weights()
+        restored = network.get_weights()
+        # The restored weights are step 4's, not the last step's.
+        assert any(not np.array_equal(a, b) for a, b in zip(restored, last))
+        network_at_4 = build_network("tiny", config["num_classes"], num_units=3)
+        tf.train.Checkpoint(network=network_at_4).restore(
+            str(model_dir / "checkpoints" / "ckpt-4")).expect_partial()
+        for a, b in zip(network_at_4.get_weights(), restored):
+            np.testing.assert_array_equal(a, b)
+        assert result["best"] == best and result["checkpoint"] == "ckpt-6"
+        assert json.loads((model_dir / "eval_val.json").read_text())["best"] == best
+
+    expect(check, mistake)
+
+
+# === 5. The optimizer of training.build_trainer ===
+
+def built_trainer(**overrides):
+    keras.utils.set_random_seed(0)
+    config = benchmark_config(REPO, num_classes=C, **overrides)
+    network = build_network("tiny", C, num_units=3)
+    return training.build_trainer(config, network), network
+
+
+@pytest.mark.parametrize("mistake", [None, "w_decayed"])
+def test_weight_decay_skips_the_interaction_weights(monkeypatch, mistake):
+    if mistake:
+        monkeypatch.setattr(keras.optimizers.SGD, "exclude_from_weight_decay", lambda self, **kwargs: None)
+    lr, decay = 0.1, 0.05
+    trainer, network = built_trainer(learning_rate=lr, weight_decay=decay, momentum=0.9)
+    variables = network.trainable_variables
+    before = [v.numpy() for v in variables]
+    trainer.optimizer.apply_gradients([(tf.zeros_like(v), v) for v in variables])
+    w = interaction_weights(network)
+    moved = {v.path: (v.numpy(), b) for v, b in zip(variables, before)}
+    w_after, w_before = moved.pop(w.path)
+    for path, (after, b) in moved.items():
+        np.testing.assert_allclose(after, b * (1 - lr * decay), rtol=1e-6, atol=1e-9, err_msg=path)
+    assert any(np.any(b != 0) for _, b in moved.values())
+
+    def check():
+        np.testing.assert_array_equal(w_after, w_before, err_msg="weight decay moved the w^k")
+
+    expect(check, mistake)
+
+
+@pytest.mark.parametrize("mistake", [None, "power_dropped"])
+def test_poly_learning_rate_at_the_start_middle_and_end(monkeypatch, mistake):
+    if mistake:
+        real = keras.optimizers.schedules.PolynomialDecay
+        monkeypatch.setattr(keras.optimizers.schedules, "PolynomialDecay",
+                            lambda lr, decay_steps, end_learning_rate, power: real(lr, decay_steps, end_learning_rate))
+    lr, steps, power = 2.5e-4, 1000, 0.9
+    trainer, _ = built_trainer(learning_rate=lr, num_steps=steps, poly_power=power)
+    got = {}
+    for t in (0, steps // 2, steps):
+        trainer.optimizer.iterations.assign(t)
+        got[t] = float(trainer.optimizer.learning_rate)
+    expected = {t: lr * (1 - t / steps) ** power for t in got}
+
+    def check():
+        for t in got:
+            assert got[t] == pytest.approx(expected[t], rel=1e-6, abs=1e-12), (t, got, expected)
+
+    expect(check, mistake)
+
+
+MIRRORED_MULTIPLIERS = textwrap.dedent("""
+    import json
+    import numpy as np
+    import tensorflow as tf
+    import keras
+    from pit_keras import distribute, training
+    from pit_keras.models.network import build_network, head_variables, interaction_weights
+    from pit_keras.trainer import PITTrainer
+
+    distribute.configure_cpu_replicas(2)
+    C, N = 4, 4
+    rng = np.random.default_rng(0)
+    batch = {"source_image": rng.uniform(0, 255, (N, 32, 32, 3)).astype(np.float32),
+             "source_label": rng.integers(0, C, (N, 32, 32)).astype(np.uint8),
+             "target_image": rng.uniform(0, 255, (N, 32, 32, 3)).astype(np.float32),
+             "target_image_labels": rng.dirichlet(np.ones(C), N).astype(np.float32)}
+    config = json.loads(__import__("sys").argv[1])
+    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
+    initial = None
+
+    def step(**overrides):
+        global initial
+        with strategy.scope():
+            keras.utils.set_random_seed(0)
+            network = build_network("tiny", C, 3)
+            trainer = training.build_trainer({**config, **overrides}, network)
+            if initial is None:
+                initial = [v.numpy() for v in network.trainable_variables]
+            for v, value in zip(network.trainable_variables, initial):
+                v.assign(value)
+        trainer.fit(tf.data.Dataset.from_tensors(batch).repeat(), epochs=1, steps_per_epoch=1, verbose=0,
+                    shuffle=False)
+        heads = {v.path for v in head_variables(network)}
+        w = interaction_weights(network).path
+        kinds = ["w" if v.path == w else "head" if v.path in heads else "backbone"
+                 for v in network.trainable_variables]
+        return kinds, [v.numpy() - a for v, a in zip(network.trainable_variables, initial)]
+
+    def ratios(deltas, reference, kinds):
+        # Per kind of variable: the update's size along the reference update, and the relative residual.
+        out = {}
+        for kind in ("backbone", "head", "w"):
+            d = np.concatenate([x.ravel() for x, k in zip(deltas, kinds) if k == kind])
+            r = np.concatenate([x.ravel() for x, k in zip(reference, kinds) if k == kind])
+            scale = float(d @ r / (r @ r))
+            out[kind] = {"scale": scale,
+                         "residual": float(np.linalg.norm(d - scale * r) / np.linalg.norm(scale * r))}
+        return out
+
+    kinds, reference = step(head_lr_multiplier=1.0, interaction_lr_multiplier=1.0)
+    _, right = step(head_lr_multiplier=10.0, interaction_lr_multiplier=0.5)
+
+    # The mistake: the w^k's multiplier taken as absolute, not relative to the heads'.
+    def absolute(self):
+        scales = {v.path: self.head_lr_multiplier for v in head_variables(self.network)}
+        scales[interaction_weights(self.network).path] = self.interaction_lr_multiplier
+        return scales
+    PITTrainer._lr_multipliers = absolute
+    _, wrong = step(head_lr_multiplier=10.0, interaction_lr_multiplier=0.5)
+
+    def zero_gradient_step():
+        # Weight decay under the strategy: a zero-gradient step leaves the w^k alone, the rest shrinks.
+        with strategy.scope():
+            network = build_network("tiny", C, 3)
+            trainer = training.build_trainer({**config, "weight_decay": 0.05, "learning_rate": 0.1}, network)
+            trainer.optimizer.build(network.trainable_variables)
+        w_before = interaction_weights(network).numpy()
+        kernel = network.get_layer("fine_head").weights[0]
+        kernel_before = kernel.numpy()
+        strategy.run(lambda: trainer.optimizer.apply_gradients(
+            [(tf.zeros_like(v), v) for v in network.trainable_variables]))
+        return {"w_moved": float(np.abs(interaction_weights(network).numpy() - w_before).max()),
+                "head_factor": float(np.median(kernel.numpy() / kernel_before))}
+
+    decay = zero_gradient_step()
+    # The mistake: the w^k no longer excluded from weight decay.
+    keras.optimizers.SGD.exclude_from_weight_decay = lambda self, **kwargs: None
+    decay_wrong = zero_gradient_step()
+    print(json.dumps({"right": ratios(right, reference, kinds), "w_absolute": ratios(wrong, reference, kinds),
+                      "decay_right": decay, "decay_w_decayed": decay_wrong,
+                      "replicas": strategy.num_replicas_in_sync}))
+""")
+
+
+@pytest.fixture(scope="module")
+def mirrored_multipliers():
+    config = benchmark_config(REPO, num_classes=C, learning_rate=0.01, momentum=0.0)
+    result = run_python(MIRRORED_MULTIPLIERS, json.dumps(config))
+    assert result.returncode == 0, result.stderr[-3000:]
+    return json.loads(result.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("mistake", [None, "w_absolute"])
+def test_head_and_interaction_learning_rates_under_mirrored_strategy(mirrored_multipliers, mistake):
+    # head_lr_multiplier 10, interaction_lr_multiplier 0.5 (relative to the heads): the heads move 10x, the w^k
+    # 5x, the backbone 1x the update of a step at multipliers 1 from the same weights on the same batch.
+    assert mirrored_multipliers["replicas"] == 2
+    got = mirrored_multipliers[mistake or "right"]
+    print(f"{mistake or 'right'}: update of each kind of variable along the multipliers-1 update: {got}")
+    expected = {"backbone": 1.0, "head": 10.0, "w": 5.0}
+
+    def check():
+        for kind in expected:
+            assert abs(got[kind]["scale"] / expected[kind] - 1) < 1e-3 and got[kind]["residual"] < 1e-3, (kind, got)
+
+    expect(check, mistake)
+
+
+@pytest.mark.parametrize("mistake", [None, "w_decayed"])
+def test_weight_decay_skips_the_interaction_weights_under_mirrored_strategy(mirrored_multipliers, mistake):
+    decay = mirrored_multipliers["decay_" + (mistake or "right")]
+    assert decay["head_factor"] == pytest.approx(1 - 0.1 * 0.05, rel=1e-6)
+
+    def check():
+        assert decay["w_moved"] == 0.0, decay
+
+    expect(check, mistake)
+
+
+# === 6. Two workers against one process fed the same global batches ===
+
+WORKER = textwrap.dedent("""
+    import json, sys
+    import numpy as np
+    from pit_keras import distribute, training
+
+    strategy = distribute.make_strategy("multi_worker")
+    config = json.loads(sys.argv[1])
+    if sys.argv[4] == "shard_ignored":
+        # The mistake: every worker reads the whole data set instead of its shard.
+        real = training.build_dataset
+        training.build_dataset = lambda config, domains, batch_size, shard=None, skip_batches=0: real(
+            config, domains, batch_size, None, skip_batches)
+    initial = []
+    real_build = training.build_network
+    def build_network(*args, **kwargs):
+        network = real_build(*args, **kwargs)
+        initial.extend(v.numpy() for v in network.weights)
+        return network
+    training.build_network = build_network
+    trainer, _ = training.run(config, sys.argv[2], strategy=strategy, log_every=2, image_every=0,
+                              checkpoint_every=4, evaluate=False, verbose=0)
+    np.savez(sys.argv[3], *[v.numpy() for v in trainer.network.weights])
+    np.savez(sys.argv[3] + ".initial.npz", *initial)
+""")
+
+
+def one_process_on_the_workers_batches(config, initial):
+    """A single-process run from the same weights whose every global batch is worker 0's shard batch followed
+    by worker 1's, as the two workers' replicas see them."""
+    keras.utils.set_random_seed(config["seed"])
+    network = build_network(config["backbone"], config["num_classes"], num_units=len(config["lse_r"]))
+    for v, value in zip(network.weights, initial):
+        v.assign(value)
+    trainer = training.build_trainer(config, network)
+    domains = training.load_domains(config, trainer)
+    half = config["batch_size"] // 2
+    shards = [training.build_dataset(config, domains, half, shard=(2, i)) for i in range(2)]
+    data = tf.data.Dataset.zip(tuple(shards)).map(
+        lambda a, b: {key: tf.concat([a[key], b[key]], axis=0) for key in a})
+    trainer.fit(data, epochs=1, steps_per_epoch=config["num_steps"], verbose=0, shuffle=False)
+    return [v.numpy() for v in network.weights]
+
+
+@pytest.mark.parametrize("mistake", [None, pytest.param("shard_ignored", marks=pytest.mark.slow)])
+def test_two_workers_equal_one_process_fed_the_same_global_batches(tiny_benchmark, tmp_path, mistake):
+    config = benchmark_config(tiny_benchmark, num_steps=4, batch_size=4, learning_rate=0.01, momentum=0.9)
+    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
+    workers = []
+    for index in range(2):
+        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
+               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
+        workers.append(subprocess.Popen(
+            [sys.executable, "-c", WORKER, json.dumps(config), str(tmp_path / "run"), str(tmp_path / f"w{index}.npz"),
+             mistake or "right"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
+    try:
+        outputs = [w.communicate(timeout=240) for w in workers]
+    finally:
+        for w in workers:
+            if w.poll() is None:
+                w.kill()
+                w.wait()
+    for w, (_, err) in zip(workers, outputs):
+        assert w.returncode == 0, err[-3000:]
+    final = np.load(tmp_path / "w0.npz")
+    initial = np.load(tmp_path / "w0.npz.initial.npz")
+    initial = [initial[f"arr_{i}"] for i in range(len(initial.files))]
+    single = one_process_on_the_workers_batches(config, initial)
+    differences = [float(np.abs(final[f"arr_{i}"] - s).max()) for i, s in enumerate(single)]
+    moved = max(float(np.abs(s - i).max()) for s, i in zip(single, initial))
+    assert moved > 1e-3
+    print(f"two workers against one process: max weight difference {max(differences):.3g} (weights moved {moved:.3g})")
+
+    def check():
+        assert max(differences) < 1e-5, differences
+
+    expect(check, mistake)
+
+
+# === 8. At a paper flagfile's optimiser settings the w^k leave 1/K ===
+
+def w_after_a_short_paper_run(bench, model_dir, steps, interaction_lr_multiplier=1.0):
+    config = benchmark_config(
+        bench, num_steps=steps, batch_size=2, learning_rate=2.5e-4, head_lr_multiplier=10.0,
+        interaction_lr_multiplier=interaction_lr_multiplier, momentum=0.9, image_loss_reduction="mean",
+        lse_normalize=True, weight_decay=0.0)
+    trainer, _ = training.run(config, str(model_dir), log_every=steps, image_every=0, checkpoint_every=steps,
+                              evaluate=False, verbose=0)
+    return interaction_weights(trainer.network).numpy()
+
+
+PAPER_RUN_STEPS = 300
+
+
+@pytest.mark.parametrize("interaction_lr_multiplier", [1.0, pytest.param(0.01, marks=pytest.mark.slow)])
+def test_interaction_weights_leave_one_over_k_at_the_paper_optimiser_settings(tiny_benchmark, tmp_path,
+                                                                             interaction_lr_multiplier):
+    w = w_after_a_short_paper_run(tiny_benchmark, tmp_path / "run", PAPER_RUN_STEPS, interaction_lr_multiplier)
+    moved = float(np.abs(w - 1 / 3).max())
+    print(f"w^k after {PAPER_RUN_STEPS} steps at interaction_lr_multiplier={interaction_lr_multiplier}: {w} "
+          f"(max |w - 1/K| = {moved:.4f})")
+
+    def check():
+        assert moved > 0.01, w
+
+    # The mistake is the old flagfiles' 0.01: the w^k stay at 1/K.
+    expect(check, interaction_lr_multiplier != 1.0)
