@@ -23,8 +23,16 @@ def read_run_config(model_dir):
         return json.load(f)
 
 
+# Settings that change the objective: resuming a run with others would mix two methods in one run. The value
+# is what a run.json without the key was trained with (the defaults before the key was recorded).
+METHOD_KEYS = {"method": None, "lse_normalize": False, "image_loss_reduction": "sum",
+               "interaction_lr_multiplier": 0.01, "head_lr_multiplier": 1.0, "image_label_kind": "shares",
+               "self_training": False}
+
+
 def check_or_write_run_config(model_dir, config):
-    """Records a new run's configuration, or checks that an existing run has the same architecture."""
+    """Records a new run's configuration, or checks that an existing run has the same architecture and
+    objective."""
     path = os.path.join(model_dir, RUN_FILE)
     if os.path.isfile(path):
         previous = read_run_config(model_dir)
@@ -32,6 +40,11 @@ def check_or_write_run_config(model_dir, config):
             if previous.get(key) != config[key]:
                 raise UserError(f"--model_dir={model_dir} holds a run with {key}={previous.get(key)}, not "
                                 f"{config[key]}; use another --model_dir.")
+        for key, old_default in METHOD_KEYS.items():
+            if key in config and previous.get(key, old_default) != config[key]:
+                raise UserError(f"--model_dir={model_dir} holds a run trained with {key}="
+                                f"{previous.get(key, old_default)}, not {config[key]}; resume it with the same "
+                                "flags or use another --model_dir.")
     os.makedirs(model_dir, exist_ok=True)
     write_json_atomic(path, config)
 

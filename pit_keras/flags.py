@@ -74,7 +74,8 @@ def define_train_flags():
                        "its image's confidence weight.")
     flags.DEFINE_enum("st_teacher_bn", "target_batch", ["target_batch", "running"],
                       "The teacher normalises each target batch with that batch's BatchNorm statistics, or with "
-                      "its running statistics (which mix the domains).")
+                      "its running statistics (which mix the domains). Only for backbones that train their "
+                      "BatchNorm (tiny, MobileNetV3); DeepLab-v2's is frozen.")
     flags.DEFINE_boolean("st_classmix", True, "ClassMix: paste half of each source image's classes onto a "
                          "target image; off: learn the target image against its pseudo-labels.")
     flags.DEFINE_integer("st_start", 0, "Source warm-up steps before self-training (and teacher image labels) "

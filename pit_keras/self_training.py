@@ -72,15 +72,38 @@ class EMATeacher(keras.layers.Layer):
         step = tf.maximum(tf.cast(step, tf.float32), 1.0)
         alpha = tf.minimum(1.0 - 1.0 / step, self.ema)
         for copy, variable in self.pairs():
-            copy.assign(alpha * copy + (1.0 - alpha) * tf.cast(variable, copy.dtype))
+            if "float" in str(copy.dtype):
+                copy.assign(alpha * copy + (1.0 - alpha) * tf.cast(variable, copy.dtype))
+            else:  # e.g. a Dropout layer's int64 seed state: copied, not averaged
+                copy.assign(variable)
 
     def outputs(self, images):
-        """The teacher's outputs (the network's dict) on `images`, without gradient."""
+        """The teacher's outputs (the network's dict) on `images`, without gradient.
+
+        With "target_batch" the network runs in training mode for its BatchNorm layers' sake, with every Dropout
+        layer off (as DAFormer's teacher): their rate is 0 while this call is traced. A BatchNorm layer that is
+        frozen (DeepLab-v2's) uses its running statistics in either mode."""
+        network = self._network()
         training = self.teacher_bn == "target_batch"
-        outputs, _ = self._network().stateless_call(
-            [tf.convert_to_tensor(v) for v in self.trainable_copies],
-            [tf.convert_to_tensor(v) for v in self.non_trainable_copies], images, training=training)
+        dropouts = [layer for layer in _all_layers(network) if isinstance(layer, keras.layers.Dropout)]
+        rates = [layer.rate for layer in dropouts]
+        try:
+            for layer in dropouts:
+                layer.rate = 0.0
+            outputs, _ = network.stateless_call(
+                [tf.convert_to_tensor(v) for v in self.trainable_copies],
+                [tf.convert_to_tensor(v) for v in self.non_trainable_copies], images, training=training)
+        finally:
+            for layer, rate in zip(dropouts, rates):
+                layer.rate = rate
         return tf.nest.map_structure(tf.stop_gradient, outputs)
+
+
+def _all_layers(model):
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from _all_layers(layer)
 
 
 def teacher_probabilities(teacher, images, flip=False):
@@ -148,7 +171,8 @@ def mix(mask, source, target):
 
 
 def ramp(step, start, length):
-    """0 before `start`, then linear to 1 over `length` steps (a step at once for length 0)."""
+    """The weight at step index `step` (0 for the first step): 0 up to index `start`, then linear to 1 at index
+    `start + length`; with `length` 0, 1 from index `start` on."""
     step = tf.cast(step, tf.float32)
     if length <= 0:
         return tf.cast(step >= start, tf.float32)

@@ -136,7 +136,7 @@ class PITTrainer(keras.Model):
         # Built by `build_teacher` inside the strategy's scope, after the network.
         self.teacher = None
         self.term_weights = self._term_weights(lambda_c, lambda_r, lambda_ent, tuple(recon_domains))
-        names = ("loss", *self.term_weights) + (("st_confident",) if self_training else ())
+        names = ("loss", *self.term_weights) + (("st_confident",) if "st_trg" in self.term_weights else ())
         self.trackers = {name: keras.metrics.Mean(name=name) for name in names}
         self._gradient_scales = self._lr_multipliers()
 
@@ -178,7 +178,7 @@ class PITTrainer(keras.Model):
 
     @property
     def uses_target(self):
-        """Whether target batches go through the network (source-only never touches them)."""
+        """Whether target batches are read (source-only without self-training never touches them)."""
         return self.method != "source_only" or self.self_training is not None
 
     @property
@@ -250,7 +250,7 @@ class PITTrainer(keras.Model):
             terms.update(self._pit_terms(target, target_labels, "target"))
         elif "ent_trg" in self.term_weights:  # lambda_ent = 0 keeps the target's BatchNorm statistics only
             terms["ent_trg"] = losses.entropy_loss(target["seg"])
-        if self.self_training is not None:
+        if "st_trg" in self.term_weights:  # lambda_st = 0 keeps the teacher for PIT's image labels only
             terms.update(self._self_training_terms(batch, teacher_probabilities, training, step))
         return terms
 

@@ -52,6 +52,7 @@ def build_trainer(config, network):
         lse_normalize=config["lse_normalize"], lambda_c=config["lambda_c"], lambda_r=config["lambda_r"],
         lambda_ent=config["lambda_ent"], recon_domains=config["recon_domains"],
         loss_resolution=config["loss_resolution"], interaction_lr_multiplier=config["interaction_lr_multiplier"],
+        # A run.json written before the key existed was trained with the sum.
         image_loss_reduction=config.get("image_loss_reduction", "sum"),
         head_lr_multiplier=config.get("head_lr_multiplier", 1.0),
         image_label_kind=config.get("image_label_kind", "shares"),

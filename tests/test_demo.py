@@ -48,15 +48,19 @@ def test_a_stopped_demo_resumes_student_and_teacher(tiny_benchmark, tmp_path):
     steps = ["--num_steps=6", "--checkpoint_every=3", "--evaluate=false", "--image_every=0", "--deterministic"]
     straight = run(demo_command(tiny_benchmark, tmp_path / "straight", *steps))
     assert straight.returncode == 0, straight.stderr[-3000:]
-    first = run(demo_command(tiny_benchmark, tmp_path / "resumed", *steps[1:], "--num_steps=3"))
-    assert first.returncode == 0, first.stderr[-3000:]
-    # The same command with the full step budget continues from step 3 (run.json holds the same architecture).
-    second = run(demo_command(tiny_benchmark, tmp_path / "resumed", *steps))
-    assert second.returncode == 0, second.stderr[-3000:]
-    assert "resumed from" in second.stdout and "at step 3" in second.stdout
+    # A run stopped after its step-3 checkpoint: the same folder without what came after it.
+    stopped = tmp_path / "stopped"
+    shutil.copytree(tmp_path / "straight", stopped)
+    for path in (stopped / "checkpoints").glob("ckpt-6.*"):
+        path.unlink()
+    (stopped / "checkpoints" / "checkpoint").write_text(
+        'model_checkpoint_path: "ckpt-3"\nall_model_checkpoint_paths: "ckpt-3"\n')
+    resumed = run(demo_command(tiny_benchmark, stopped, *steps))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     for prefix in ("network/", "teacher/"):
         a = checkpoint_values(tmp_path / "straight", 6, prefix)
-        b = checkpoint_values(tmp_path / "resumed", 6, prefix)
+        b = checkpoint_values(stopped, 6, prefix)
         assert a.keys() == b.keys()
         for name in a:
             np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)

@@ -171,3 +171,16 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
     with pytest.raises(UserError, match="no longer finite"):
         checkpointer.save()
     assert manager.latest_checkpoint is None
+
+
+def test_a_run_resumed_with_another_objective_is_refused(tmp_path):
+    config = {"backbone": "tiny", "num_classes": 19, "lse_r": [1.0], "method": "pit", "lse_normalize": True}
+    checkpoints.check_or_write_run_config(str(tmp_path), config)
+    checkpoints.check_or_write_run_config(str(tmp_path), config)  # the same flags resume
+    with pytest.raises(UserError, match="lse_normalize=True, not False"):
+        checkpoints.check_or_write_run_config(str(tmp_path), {**config, "lse_normalize": False})
+    # A run.json from before the key was recorded was trained with the old default (the paper's sum).
+    (tmp_path / "run.json").write_text('{"backbone": "tiny", "num_classes": 19, "lse_r": [1.0], "method": "pit"}')
+    with pytest.raises(UserError, match="image_loss_reduction=sum, not mean"):
+        checkpoints.check_or_write_run_config(str(tmp_path), {**config, "lse_normalize": False,
+                                                              "image_loss_reduction": "mean"})

@@ -181,3 +181,31 @@ def test_mirrored_self_training_step_equals_one_device(masks):
         assert difference < 2e-5
     else:
         assert difference > 1e-3
+
+
+def test_teacher_labels_without_the_self_training_loss():
+    network = small_network(units=1)
+    trainer = PITTrainer(network, C, "pit", lse_r=(1.0,), image_labels_from_teacher=True,
+                         self_training=SelfTraining(weight=0.0))
+    trainer.build_teacher()
+    rng = np.random.default_rng(5)
+    batch = {"source_image": rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32),
+             "source_label": rng.integers(0, C, (2, 32, 32)).astype(np.uint8),
+             "target_image": rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32),
+             "target_image_labels": np.full((2, C), np.nan, np.float32)}  # never read
+    terms = trainer.compute_terms(batch)
+    assert "st_trg" not in terms and "st_trg" not in trainer.trackers
+    assert np.isfinite(terms["img_trg"].numpy()).all()
+
+
+def test_a_teacher_of_a_network_with_dropout_runs_it_off_and_copies_integer_state():
+    image = keras.Input((None, None, 3))
+    outputs = {"seg": keras.layers.Dropout(0.5)(keras.layers.Conv2D(C, 1)(image))}
+    network = keras.Model(image, outputs)
+    teacher = self_training.EMATeacher(network, teacher_bn="target_batch")
+    assert any("int" in str(v.dtype) for v in teacher.non_trainable_copies)  # Dropout's seed state
+    teacher.update(3)
+    images = tf.constant(np.random.default_rng(6).uniform(0, 255, (1, 8, 8, 3)).astype(np.float32))
+    np.testing.assert_allclose(teacher.outputs(images)["seg"].numpy(), network(images, training=False)["seg"].numpy(),
+                               atol=1e-5)
+    assert network.layers[-1].rate == 0.5  # restored for the student

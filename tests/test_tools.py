@@ -113,8 +113,9 @@ def test_aggregation_and_page(tmp_path):
     assert "CPU cores" in page
     assert "| source only | 23.0 ± 2.6 | 3 | 20.0, 24.0, 25.0 |  | 36.2 (Table 1) | `source_only` | 11 |" in page
     assert "| MinEnt | not run | 0 |" in page
-    assert "| PIT-GT | 42.0 ± 2.8 | 2 | 40.0, 44.0 | +19.0 vs source_only |" in page
-    assert "| without L_r | 38.0 (one seed) | 1 | 38.0 | -4.0 vs pit_gt |" in page
+    assert "| PIT-GT | 42.0 ± 2.8 | 2 | 40.0, 44.0 | +20.0 (seeds 0, 1) vs source_only |" in page
+    # A one-seed row is compared with the same seed of its reference (40.0), not with its mean (42.0).
+    assert "| without L_r | 38.0 (one seed) | 1 | 38.0 | -2.0 (seed 0) vs pit_gt |" in page
     assert page.index("## Main rows") < page.index("## Ablations (paper Table 3)")
     assert "| car | 14.7 | 32.0 |" in page and "| train | - | - |" in page
     assert "minent seed 0: train exited with 1: boom" in page

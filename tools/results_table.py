@@ -3,8 +3,8 @@ writes docs/results.md and a JSON of every number.
 
     python tools/results_table.py --output_dir=runs/results --seeds=0,1,2
 
-One experiment is one flagfile, `flags/experiments/NAME.cfg`, which includes `flags/demo.cfg` (or another
-experiment) and adds its flags. Its header says where it goes:
+One experiment is one flagfile, `flags/experiments/NAME.cfg`, which includes `flags/base/benchmark.cfg` (the
+benchmark and schedule every row shares), `flags/demo.cfg` or another experiment, and adds its flags. Its header says where it goes:
 
     # row: the label in the table
     # table: main | self_training | ablation | table5 | table3 | table4 | lr | diagnostic | second_benchmark
@@ -431,9 +431,15 @@ def fmt_seeds(entry):
 
 
 def delta(entry, reference):
+    """The mean difference over the seeds both rows have (a one-seed row against its reference's same seed)."""
     if not (entry["num_seeds"] and reference and reference["num_seeds"]):
         return "-"
-    return f"{entry['miou_mean'] - reference['miou_mean']:+.1f}"
+    shared = [s for s in entry["seeds"] if s in reference["seeds"]]
+    if not shared:
+        return "-"
+    value = np.mean([entry["miou_per_seed"][s] - reference["miou_per_seed"][s] for s in shared])
+    return f"{value:+.1f}" + ("" if len(shared) == reference["num_seeds"] else f" (seed {shared[0]})"
+                              if len(shared) == 1 else f" (seeds {', '.join(map(str, shared))})")
 
 
 def markdown(summary, command, machine_info, seeds, failures, notes=None):
@@ -455,12 +461,13 @@ def markdown(summary, command, machine_info, seeds, failures, notes=None):
         f"times are indicative.",
         "",
         f"Every row is `python -m pit_keras.train --flagfile={EXPERIMENTS}/NAME.cfg --seed=S` (its flagfile is "
-        "named in the row): `flags/demo.cfg` (tiny backbone, 256x128, batch 4 + 4, SGD lr 0.05 with poly decay, "
-        "weight decay 1e-4, 1500 steps) and the experiment's flags; the same data, step count and evaluation "
-        f"(the last checkpoint, no selection on target val) for every row, seeds {', '.join(map(str, seeds))} "
-        "unless the row says one seed. Target mIoU (%) on the benchmark's 100 target val images: mean ± sample "
-        "standard deviation over seeds. The paper's column (ResNet-101, GTAV -> Cityscapes) is for orientation "
-        "only: another backbone, other data.",
+        "named in the row): `flags/base/benchmark.cfg` (tiny backbone, 256x128, batch 4 + 4, SGD lr 0.05 with "
+        "poly decay, weight decay 1e-4, 1500 steps) and the experiment's flags; the same data, step count and "
+        "evaluation (the last checkpoint, no selection on target val) for every row, seeds "
+        f"{', '.join(map(str, seeds))} unless the row says one seed. Target mIoU (%) on the benchmark's 100 target "
+        "val images: mean ± sample standard deviation over seeds; a row's delta to its reference is taken over "
+        "the seeds both have (a one-seed row against the same seed of its reference). The paper's column "
+        "(ResNet-101, GTAV -> Cityscapes) is for orientation only: another backbone, other data.",
     ]
     for table, title in TABLES:
         entries = [entry for entry in rows.values() if entry["table"] == table]
