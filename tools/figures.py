@@ -156,9 +156,11 @@ def save_png(picture, path, max_kb=None):
 
 def run_name(config):
     if config["method"] != "pit":
-        return {"source_only": "source only", "minent": "MinEnt"}.get(config["method"], config["method"])
+        name = {"source_only": "source only", "minent": "MinEnt"}.get(config["method"], config["method"])
+        return f"{name} + self-training" if config.get("self_training") else name
     labels = config.get("image_labels")
-    return "PIT (GT image labels)" if labels == "ground_truth" else "PIT"
+    name = "PIT (GT image labels)" if labels == "ground_truth" else "PIT"
+    return f"{name} + self-training" if config.get("self_training") else name
 
 
 # --- Figures ---
