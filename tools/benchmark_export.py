@@ -9,7 +9,8 @@ model) with the library's functions and measures latency only (its mIoU would me
 
 Exports the run (unless --export_dir names an existing export) with .tflite models at --size, then measures:
 - size: the model's files on disk (the SavedModel folder, or the .tflite file);
-- latency: median wall time of one --size uint8 image over --repeats runs after --warmup runs, through the same
+- latency: median wall time (and process CPU time, which contention on a shared machine does not inflate) of
+  one --size uint8 image over --repeats runs after --warmup runs, through the same
   predictor `python -m pit_keras.predict` uses (the SavedModel and Keras resize to the run's target_size inside;
   the .tflite models run the network at their fixed input size, and the argmax of their logits is taken on the
   host). Each .tflite variant is timed with every --threads count, with LiteRT's XNNPACK delegate and with its
@@ -41,15 +42,18 @@ def folder_size(path):
 
 
 def latency_ms(predictor, image, warmup, repeats):
-    """Median milliseconds of `predictor(image)` after `warmup` unmeasured runs."""
+    """(median wall milliseconds, median process CPU milliseconds) of `predictor(image)` after `warmup`
+    unmeasured runs. The CPU time (all threads of the process) is what the run cost, whatever else shares the
+    machine; on a busy machine the wall time also holds the waits for a core."""
     for _ in range(warmup):
         predictor(image)
-    times = []
+    wall, cpu = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        start, start_cpu = time.perf_counter(), time.process_time()
         predictor(image)
-        times.append(time.perf_counter() - start)
-    return 1000 * statistics.median(times)
+        wall.append(time.perf_counter() - start)
+        cpu.append(time.process_time() - start_cpu)
+    return 1000 * statistics.median(wall), 1000 * statistics.median(cpu)
 
 
 def evaluate(predictor, pairs, reader, class_set):
@@ -110,7 +114,8 @@ def benchmark(model_dir, export_dir, size, warmup, repeats, threads, max_images,
                    "size_mb": None if size_bytes is None else size_bytes / 1e6,
                    "network_input": list(network_size or (predictor.input_width, predictor.input_height)),
                    "threads": count, "xnnpack": xnnpack,
-                   "latency_ms": latency_ms(predictor, image, warmup, repeats), "miou": None, "num_images": 0}
+                   "miou": None, "num_images": 0}
+            row["latency_ms"], row["cpu_ms"] = latency_ms(predictor, image, warmup, repeats)
             if with_miou and (network_size is not None or (xnnpack and count == max(threads))):
                 row["miou"] = evaluate(predictor, pairs, reader, class_set)
                 row["num_images"] = len(pairs)
@@ -133,14 +138,15 @@ def table(rows, size, threads):
     for (backbone, name), group in groups.items():
         first = group[0]
         size_mb = "-" if first["size_mb"] is None else f"{first['size_mb']:.2f}"
-        by_setting = {(r["threads"], r["xnnpack"]): r["latency_ms"] for r in group}
+        by_setting = {(r["threads"], r["xnnpack"]): f"{r['latency_ms']:.0f} ({r['cpu_ms']:.0f})" for r in group}
         tf_latency = by_setting.get((None, None))
-        cells = [f"{by_setting[s]:.1f}" if s in by_setting else "-" for s in settings]
+        cells = [by_setting.get(s, "-") for s in settings]
         miou = [r["miou"] for r in group if r["miou"] is not None]
         lines.append(f"| {backbone} | {name} | {size_mb} | {first['network_input'][0]}x{first['network_input'][1]} | "
-                     f"{'-' if tf_latency is None else f'{tf_latency:.1f}'} | {' | '.join(cells)} | "
+                     f"{tf_latency or '-'} | {' | '.join(cells)} | "
                      f"{f'{miou[0]:.2f}' if miou else '-'} |")
-    return "\n".join(lines) + f"\n\nLatency: median ms of one {size[0]}x{size[1]} image."
+    return "\n".join(lines) + (f"\n\nLatency: median wall ms of one {size[0]}x{size[1]} image (in brackets: median "
+                                "CPU ms of the process, all threads).")
 
 
 def main():
