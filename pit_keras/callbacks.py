@@ -36,16 +36,30 @@ def _all_finite(variables):
     return all(bool(tf.reduce_all(tf.math.is_finite(v))) for v in variables)
 
 
+def _kept(manager):
+    """What a diverged run keeps, in words."""
+    latest = manager.latest_checkpoint if manager is not None else None
+    return f"the last good checkpoint, {latest}, is kept" if latest else "no checkpoint had been written yet"
+
+
 class DivergenceGuard(keras.callbacks.Callback):
     """Stops training at the first non-finite loss term, naming the step and the term, before any checkpoint
-    of that step is written (it must come before `Checkpointer` in the callback list)."""
+    of that step is written (it must come before `Checkpointer` in the callback list).
+
+    Args:
+        manager: the run's checkpoint manager, to say which checkpoint is kept (or that none is).
+    """
+
+    def __init__(self, manager=None):
+        super().__init__()
+        self.manager = manager
 
     def on_train_batch_end(self, batch, logs=None):
         bad = [name for name, value in (logs or {}).items() if not np.isfinite(float(value))]
         if bad:
             terms = [name for name in bad if name != "loss"] or bad
             raise Diverged(f"training diverged at step {_step(self.model)}: loss term {terms[0]} is "
-                           f"{float(logs[terms[0]])}; the last good checkpoint is kept. Lower --learning_rate "
+                           f"{float(logs[terms[0]])}; {_kept(self.manager)}. Lower --learning_rate "
                            "or check the data.")
 
 
@@ -68,8 +82,8 @@ class Checkpointer(keras.callbacks.Callback):
         if step == self.last_saved:
             return
         if not _all_finite(self.model.network.weights):
-            raise Diverged(f"training diverged before step {step}: the weights are no longer finite; the last "
-                           "good checkpoint is kept. Lower --learning_rate or check the data.")
+            raise Diverged(f"training diverged before step {step}: the weights are no longer finite; "
+                           f"{_kept(self.manager)}. Lower --learning_rate or check the data.")
         try:
             self.manager.save(checkpoint_number=step)
         except (OSError, tf.errors.OpError) as err:

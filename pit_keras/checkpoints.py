@@ -30,9 +30,9 @@ METHOD_KEYS = {"method": None, "lse_normalize": False, "image_loss_reduction": "
                "self_training": False}
 
 
-def check_or_write_run_config(model_dir, config):
+def check_or_write_run_config(model_dir, config, write=True):
     """Records a new run's configuration, or checks that an existing run has the same architecture and
-    objective."""
+    objective; with `write=False` only checks (a run checks first and writes once its data has passed)."""
     path = os.path.join(model_dir, RUN_FILE)
     if os.path.isfile(path):
         previous = read_run_config(model_dir)
@@ -45,8 +45,9 @@ def check_or_write_run_config(model_dir, config):
                 raise UserError(f"--model_dir={model_dir} holds a run trained with {key}="
                                 f"{previous.get(key, old_default)}, not {config[key]}; resume it with the same "
                                 "flags or use another --model_dir.")
-    os.makedirs(model_dir, exist_ok=True)
-    write_json_atomic(path, config)
+    if write:
+        os.makedirs(model_dir, exist_ok=True)
+        write_json_atomic(path, config)
 
 
 def _checkpoint(network, optimizer=None, teacher=None):

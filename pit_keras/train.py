@@ -5,6 +5,8 @@
 Resumes from the newest checkpoint in --model_dir. See `python -m pit_keras.train --helpfull`.
 """
 
+import math
+
 from absl import flags
 
 from pit_keras import flags as pit_flags
@@ -33,6 +35,13 @@ def parse_config():
     for name in ("batch_size", "num_steps", "log_every", "cpu_replicas"):
         if FLAGS[name].value <= 0:
             raise UserError(f"--{name}={FLAGS[name].value}: must be positive.")
+    for name in ("learning_rate", "momentum", "weight_decay", "poly_power", "lambda_c", "lambda_r", "lambda_ent",
+                 "lambda_st", "head_lr_multiplier", "interaction_lr_multiplier"):
+        value = FLAGS[name].value
+        if not math.isfinite(value) or value < 0:
+            raise UserError(f"--{name}={value}: must be a finite number, 0 or more.")
+    if FLAGS.learning_rate == 0:
+        raise UserError("--learning_rate=0: nothing would train; give a positive learning rate.")
     lse_r = pit_flags.parse_floats("lse_r", FLAGS.lse_r)
     if FLAGS.method == "pit" and (not lse_r or any(r <= 0 for r in lse_r)):
         raise UserError(f"--lse_r={','.join(FLAGS.lse_r)}: pit needs one or more positive values.")

@@ -206,8 +206,8 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
     strategy = strategy or tf.distribute.get_strategy()
     chief = distribute.is_chief(strategy)
     class_set = classes.CLASS_SETS[config["class_set"]]
-    if chief:
-        checkpoints.check_or_write_run_config(model_dir, config)
+    if chief:  # checked now, written once the data has passed its checks: a refused start leaves no run.json
+        checkpoints.check_or_write_run_config(model_dir, config, write=False)
     keras.mixed_precision.set_global_policy(config.get("mixed_precision", "float32"))
     if config.get("deterministic"):
         tf.config.experimental.enable_op_determinism()
@@ -224,6 +224,8 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
     domains = load_domains(config, trainer)
     if config.get("cache_images"):
         check_cache_fits(domains, shards=distribute.num_workers(strategy))
+    if chief:
+        checkpoints.check_or_write_run_config(model_dir, config)
 
     resumed = checkpoints.restore_latest(trainer.network, trainer.optimizer, model_dir, teacher=trainer.teacher)
     step = int(trainer.optimizer.iterations.numpy())
@@ -240,7 +242,7 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
         if step < config["num_steps"]:
             checkpointer = callbacks.Checkpointer(manager, checkpoint_every)
             # Order matters: divergence is caught before a checkpoint of that step could be written.
-            run_callbacks = [callbacks.DivergenceGuard(), callbacks.StopAtStep(config["num_steps"]), checkpointer,
+            run_callbacks = [callbacks.DivergenceGuard(manager), callbacks.StopAtStep(config["num_steps"]), checkpointer,
                              callbacks.GracefulStop(checkpointer)]
             if chief:
                 validation = eval_every and validation_callback(config, network, model_dir, class_set, eval_every)

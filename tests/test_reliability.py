@@ -102,6 +102,7 @@ def test_divergence_names_step_and_term_and_keeps_the_last_good_checkpoint(tiny_
     assert "Traceback" not in result.stderr
     last = checkpoints.latest_checkpoint(str(model_dir))
     assert last is not None
+    assert f"the last good checkpoint, {last}, is kept" in result.stderr
     step = int(last.rsplit("-", 1)[1])
     for name, value in weights_of(model_dir, step).items():
         assert np.all(np.isfinite(value)), name
@@ -140,6 +141,7 @@ def test_missing_or_empty_dataset_folders_are_named(tmp_path):
     result = run(train_command(tmp_path.parent, tmp_path / "run", "--num_steps=2", f"--source_root={tmp_path}"))
     assert result.returncode == 2
     assert f"{tmp_path / 'images'}: no .png images found." in result.stderr
+    assert not (tmp_path / "run").exists()  # a refused start leaves nothing behind
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path):
@@ -184,3 +186,26 @@ def test_a_run_resumed_with_another_objective_is_refused(tmp_path):
     with pytest.raises(UserError, match="image_loss_reduction=sum, not mean"):
         checkpoints.check_or_write_run_config(str(tmp_path), {**config, "lse_normalize": False,
                                                               "image_loss_reduction": "mean"})
+
+
+def test_divergence_before_any_checkpoint_says_so():
+    import types
+
+    model = types.SimpleNamespace(optimizer=types.SimpleNamespace(iterations=tf.Variable(1, dtype=tf.int64)))
+    guard = callbacks.DivergenceGuard(types.SimpleNamespace(latest_checkpoint=None))
+    guard.set_model(model)
+    with pytest.raises(callbacks.Diverged, match="no checkpoint had been written yet"):
+        guard.on_train_batch_end(0, {"loss": float("nan"), "seg_src": float("nan")})
+    guard = callbacks.DivergenceGuard(types.SimpleNamespace(latest_checkpoint="run/checkpoints/ckpt-4"))
+    guard.set_model(model)
+    with pytest.raises(callbacks.Diverged, match="the last good checkpoint, run/checkpoints/ckpt-4, is kept"):
+        guard.on_train_batch_end(0, {"loss": float("inf")})
+
+
+@pytest.mark.parametrize("flag", ["--learning_rate=nan", "--learning_rate=inf", "--learning_rate=0",
+                                  "--momentum=-0.5", "--lambda_c=nan"])
+def test_numeric_flags_are_checked_before_anything_starts(tmp_path, flag):
+    result = run(train_command(tmp_path, tmp_path / "run", "--num_steps=2", flag))
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert f"--{flag.split('=')[0][2:]}=" in result.stderr and "Traceback" not in result.stderr
+    assert not (tmp_path / "run").exists()
