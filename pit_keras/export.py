@@ -30,8 +30,7 @@ def main(argv):
     from pit_keras import exporting
 
     exporting.check_output_dir(FLAGS.output_dir, FLAGS.overwrite)
-    # Without --formats every format is written, the GPU-delegate variant included.
-    formats = FLAGS.formats if FLAGS["formats"].present else exporting.FORMATS
+    formats = FLAGS.formats
     metadata = exporting.export(FLAGS.model_dir, FLAGS.output_dir, tflite_size=tflite_size,
                                 calibration_count=FLAGS.calibration_images, formats=formats,
                                 overwrite=FLAGS.overwrite)

@@ -149,8 +149,10 @@ def define_image_labels_flags():
     define_data_flags()
     flags.DEFINE_string("features", "InceptionResNetV2",
                         "Frozen image features: a keras.applications model name (global-average pooled), "
-                        "backbone for the backbone of the trained run in --model_dir, or predictions to take the "
-                        "class shares that run predicts as the estimate (no regressor).")
+                        "backbone for the backbone of the trained run in --model_dir, predictions to take the "
+                        "class shares that run predicts as the estimate (no regressor), or soft_predictions for "
+                        "the mean of its softmax, flip-averaged (what a self-training teacher gives PIT). The "
+                        "report compares predictions with the truth over the pixels the truth labels.")
     flags.DEFINE_string("features_weights", "imagenet",
                         "Weights of a keras.applications --features model: imagenet | none | a local weights "
                         "file of the model without its top.")
@@ -208,8 +210,9 @@ def define_export_flags():
     flags.DEFINE_string("tflite_size", None, "Fixed W,H input of the .tflite models (default: the run's "
                         "--target_size).")
     flags.DEFINE_integer("calibration_images", 100, "Target training images that calibrate the full-int8 model.")
-    flags.DEFINE_list("formats", ["saved_model", "float32", "float16", "dynamic_int8", "int8"],
-                      "What to export: saved_model and the .tflite variants float32, float16, dynamic_int8, int8.")
+    flags.DEFINE_list("formats", ["saved_model", "float32", "float16", "dynamic_int8", "int8", "gpu_float16"],
+                      "What to export: saved_model and the .tflite variants float32, float16, dynamic_int8, int8 "
+                      "(full integer) and gpu_float16 (for the LiteRT GPU delegate: no ArgMax).")
 
 
 def define_predict_flags():

@@ -28,10 +28,10 @@ def parse_config():
         raise UserError(f"--output={FLAGS.output} is a folder; name the JSON file to write.")
     if FLAGS.epochs < 0:
         raise UserError(f"--epochs={FLAGS.epochs}: must be zero or more.")
-    if FLAGS.features == "predictions" and FLAGS.feature_alignment != "none":
+    if FLAGS.features in ("predictions", "soft_predictions") and FLAGS.feature_alignment != "none":
         raise UserError(f"--feature_alignment={FLAGS.feature_alignment} does not apply to --features=predictions "
                         "(no regressor is trained).")
-    if FLAGS.features in ("backbone", "predictions"):
+    if FLAGS.features in ("backbone", "predictions", "soft_predictions"):
         if not FLAGS.model_dir:
             raise UserError(f"--features={FLAGS.features} needs --model_dir (a training run folder).")
         if FLAGS["features_weights"].present:
@@ -61,7 +61,8 @@ def main(argv):
 
     result = regressor.estimate_target_labels(**config)
     soft_labels.write_json(output, result["keys"], result["labels"])
-    origin = (f"predicted by {config['model_dir']}" if config["features"] == regressor.PREDICTION_FEATURES
+    origin = (f"predicted by {config['model_dir']}" if config["features"] in (regressor.PREDICTION_FEATURES,
+                                                                               regressor.SOFT_PREDICTION_FEATURES)
               else f"regressor trained on {result['num_source']} source images")
     print(f"wrote image-level labels of {result['num_target']} target images ({config['num_classes']} classes, "
           f"{origin}) to {output}")
@@ -71,7 +72,8 @@ def main(argv):
         return
     print(f"distance to the true shares of {report['num_images']} labelled target images (lower is better):")
     print(f"  {'estimate':20} {'chi-squared':>12} {'L1':>8}")
-    estimate = "predictions" if config["features"] == regressor.PREDICTION_FEATURES else "regressor"
+    estimate = ("predictions" if config["features"] in (regressor.PREDICTION_FEATURES,
+                                                         regressor.SOFT_PREDICTION_FEATURES) else "regressor")
     for name in ("regressor", "source-mean prior", "uniform prior"):
         print(f"  {estimate if name == 'regressor' else name:20} {report[name]['chi2']:>12.4f} "
               f"{report[name]['l1']:>8.4f}")

@@ -31,6 +31,7 @@ DEFAULT_FEATURES = "InceptionResNetV2"
 BACKBONE_FEATURES = "backbone"
 # Not features but the estimate itself: the class shares that the trained run in --model_dir predicts.
 PREDICTION_FEATURES = "predictions"
+SOFT_PREDICTION_FEATURES = "soft_predictions"  # the mean softmax, flip-averaged (a teacher's class shares)
 LEARNING_RATE = 1e-4
 MOMENTUM = 0.9
 DECAY_RATE = 0.99  # per epoch
@@ -239,10 +240,18 @@ def distance_report(truth, estimates):
             for name, est in estimates.items()}
 
 
-def predicted_shares(model_dir, image_paths, num_classes, batch_size=FEATURE_BATCH_SIZE, progress=True):
+def predicted_shares(model_dir, image_paths, num_classes, batch_size=FEATURE_BATCH_SIZE, progress=True, soft=False,
+                     label_paths=None, reader=None):
     """`[N, C]` class shares of the pixels the trained run in `model_dir` assigns to each class, on images
-    resized to the run's target size: a segmenter adapted without target labels (e.g. by MinEnt) as the
-    image-level estimate."""
+    resized to the run's target size: a segmenter adapted without target labels (e.g. by MinEnt or
+    self-training) as the image-level estimate.
+
+    Args:
+        soft: the mean of the per-pixel softmax, averaged with the mirrored image's (what a self-training
+            teacher gives PIT), instead of the shares of the argmax.
+        label_paths, reader: for a diagnostic against the truth only: pixels whose label is void are left out,
+            as the truth's shares leave them out (training never reads them).
+    """
     if not model_dir:
         raise UserError(f"--features={PREDICTION_FEATURES} needs --model_dir (a trained run).")
     config = checkpoints.read_run_config(model_dir)
@@ -256,9 +265,19 @@ def predicted_shares(model_dir, image_paths, num_classes, batch_size=FEATURE_BAT
     rows = []
     for start in range(0, len(image_paths), batch_size):
         images = tf.stack([pipeline.load_image(tf.constant(p), size) for p in image_paths[start:start + batch_size]])
-        predicted = tf.math.argmax(segmenter(images, training=False), axis=-1, output_type=tf.int32)
-        counts = tf.reduce_sum(tf.one_hot(predicted, num_classes), axis=[1, 2])
-        rows.append((counts / tf.reduce_sum(counts, axis=1, keepdims=True)).numpy())
+        logits = segmenter(images, training=False)
+        if soft:
+            flipped = segmenter(tf.reverse(images, axis=[2]), training=False)
+            per_pixel = 0.5 * (tf.nn.softmax(logits, -1) + tf.reverse(tf.nn.softmax(flipped, -1), axis=[2]))
+        else:
+            per_pixel = tf.one_hot(tf.math.argmax(logits, axis=-1, output_type=tf.int32), num_classes)
+        if label_paths is not None:
+            labels = [pipeline.resize_label(tf.constant(reader(p)), size).numpy()
+                      for p in label_paths[start:start + batch_size]]
+            keep = np.stack([(label != 255) & (label < num_classes) for label in labels]).astype(np.float32)
+            per_pixel = per_pixel * keep[..., None]
+        counts = tf.reduce_sum(tf.cast(per_pixel, tf.float32), axis=[1, 2])
+        rows.append(tf.math.divide_no_nan(counts, tf.reduce_sum(counts, axis=1, keepdims=True)).numpy())
     if progress:
         print(f"  predicted the class shares of {len(image_paths)} images with {model_dir}")
     return np.concatenate(rows).astype(np.float32)
@@ -303,8 +322,10 @@ def estimate_target_labels(source, source_root, target, target_root, num_classes
     target_pairs, target_reader, root = datasets.target_pairs(target, target_root, "train",
                                                               num_classes=num_classes)
     shares = source_shares(source_pairs, source_reader, num_classes)
-    if features == PREDICTION_FEATURES:
-        labels = predicted_shares(model_dir, [i for i, _ in target_pairs], num_classes, progress=progress)
+    predicted = features in (PREDICTION_FEATURES, SOFT_PREDICTION_FEATURES)
+    soft = features == SOFT_PREDICTION_FEATURES
+    if predicted:
+        labels = predicted_shares(model_dir, [i for i, _ in target_pairs], num_classes, progress=progress, soft=soft)
     else:
         extractor = feature_extractor(features, features_weights, image_size, model_dir)
         cache_dir = cache_dir or os.path.join(os.path.expanduser("~"), ".cache", "pit_keras", "features")
@@ -328,8 +349,13 @@ def estimate_target_labels(source, source_root, target, target_root, num_classes
         has_pixels = truth.sum(axis=1) > 0
         rows = [k for k, ok in zip(labelled, has_pixels) if ok]
         prior = shares[shares.sum(axis=1) > 0].mean(axis=0)
+        estimate = labels[rows]
+        if predicted:  # compared over the pixels the truth counts (void left out), as the truth's shares are
+            estimate = predicted_shares(model_dir, [target_pairs[k][0] for k in rows], num_classes,
+                                        progress=False, soft=soft, label_paths=[target_pairs[k][1] for k in rows],
+                                        reader=target_reader)
         report = distance_report(truth[has_pixels], {
-            "regressor": labels[rows],
+            "regressor": estimate,
             "source-mean prior": np.broadcast_to(prior, (len(rows), num_classes)),
             "uniform prior": np.full((len(rows), num_classes), 1.0 / num_classes),
         })
