@@ -82,8 +82,10 @@ def test_image_level_bce_matches_numpy():
     s = RNG.normal(size=(3, 6)).astype(np.float32) * 4
     p = 1 / (1 + np.exp(-s.astype(np.float64)))
     expected = -(y * np.log(p) + (1 - y) * np.log(1 - p)).sum(-1)
-    np.testing.assert_allclose(losses.image_level_bce(tf.constant(y), tf.constant(s)).numpy(), expected, rtol=1e-5)
-    np.testing.assert_allclose(losses.image_level_bce(tf.constant(y), tf.constant(s), "mean").numpy(), expected / 6,
+    np.testing.assert_allclose(losses.image_level_bce(tf.constant(y), tf.constant(s), "sum").numpy(), expected,
+                               rtol=1e-5)
+    # The default averages over classes (PyTorch's BCEWithLogitsLoss reduction).
+    np.testing.assert_allclose(losses.image_level_bce(tf.constant(y), tf.constant(s)).numpy(), expected / 6,
                                rtol=1e-5)
 
 
