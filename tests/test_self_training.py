@@ -171,7 +171,7 @@ MIRRORED_ST = textwrap.dedent("""
 """)
 
 
-@pytest.mark.parametrize("masks", ["global", "per_replica_masks"])
+@pytest.mark.parametrize("masks", ["global", pytest.param("per_replica_masks", marks=pytest.mark.slow)])
 def test_mirrored_self_training_step_equals_one_device(masks):
     result = subprocess.run([sys.executable, "-c", MIRRORED_ST, masks], cwd=REPO, capture_output=True, text=True,
                             timeout=300, env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
