@@ -84,13 +84,18 @@ def pixel_cross_entropy(labels, logits, ignore_index=IGNORE_INDEX):
     Returns:
         `[B]` mean cross-entropy over each image's labelled pixels (0 for an image with none).
     """
+    per_pixel, mask = _labelled_cross_entropy(labels, logits, ignore_index)
+    return tf.math.divide_no_nan(tf.reduce_sum(per_pixel * mask, axis=[1, 2]), tf.reduce_sum(mask, axis=[1, 2]))
+
+
+def _labelled_cross_entropy(labels, logits, ignore_index):
+    """`(per-pixel softmax cross-entropy, 1.0 where the pixel is labelled)`, both `[B, H, W]` float32."""
     num_classes = tf.shape(logits)[-1]
     labels = tf.cast(labels, tf.int32)
     valid = tf.logical_and(labels != ignore_index, labels < num_classes)
     per_pixel = tf.nn.sparse_softmax_cross_entropy_with_logits(
         labels=tf.where(valid, labels, 0), logits=tf.cast(logits, tf.float32))
-    mask = tf.cast(valid, tf.float32)
-    return tf.math.divide_no_nan(tf.reduce_sum(per_pixel * mask, axis=[1, 2]), tf.reduce_sum(mask, axis=[1, 2]))
+    return per_pixel, tf.cast(valid, tf.float32)
 
 
 def weighted_pixel_cross_entropy(labels, logits, weights, ignore_index=IGNORE_INDEX):
@@ -105,12 +110,7 @@ def weighted_pixel_cross_entropy(labels, logits, weights, ignore_index=IGNORE_IN
     Returns:
         `[B]` weighted mean cross-entropy.
     """
-    num_classes = tf.shape(logits)[-1]
-    labels = tf.cast(labels, tf.int32)
-    valid = tf.logical_and(labels != ignore_index, labels < num_classes)
-    per_pixel = tf.nn.sparse_softmax_cross_entropy_with_logits(
-        labels=tf.where(valid, labels, 0), logits=tf.cast(logits, tf.float32))
-    mask = tf.cast(valid, tf.float32)
+    per_pixel, mask = _labelled_cross_entropy(labels, logits, ignore_index)
     weighted = per_pixel * mask * tf.cast(weights, tf.float32)
     return tf.math.divide_no_nan(tf.reduce_sum(weighted, axis=[1, 2]), tf.reduce_sum(mask, axis=[1, 2]))
 
