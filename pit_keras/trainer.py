@@ -230,7 +230,7 @@ class PITTrainer(keras.Model):
         if not self.uses_target:
             return terms
         teacher_probabilities = None
-        if self.self_training is not None:
+        if self.self_training is not None and ("st_trg" in self.term_weights or self.image_labels_from_teacher):
             teacher_probabilities = self_training.teacher_probabilities(
                 self.teacher, batch["target_image"], self.self_training.flip)
         if self.method != "source_only":

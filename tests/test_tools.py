@@ -53,8 +53,8 @@ def fake_run(output_dir, experiment, seed, miou, per_class, seconds=10.0):
     results_table.write_json_atomic(f"{folder}/eval_val.json", {
         "miou": miou, "per_class_iou": dict(zip(CLASSES, per_class)), "classes": CLASSES, "num_images": 3})
     args = results_table.train_args(experiment, seed, str(output_dir))
-    results_table.write_json_atomic(f"{folder}/{results_table.RUN_RECORD}",
-                                    {"args": args, "seconds": seconds, "returncode": 0})
+    results_table.write_json_atomic(f"{folder}/{results_table.RUN_RECORD}", {
+        "args": args, "flagfiles": results_table.args_flagfiles(args), "seconds": seconds, "returncode": 0})
 
 
 def test_experiments_are_read_from_their_flagfile_headers(tmp_path):
@@ -154,6 +154,21 @@ def test_resume_trains_only_missing_runs_and_refuses_other_flags(tmp_path, monke
     assert calls == []
     with pytest.raises(UserError, match="other flags"):
         results_table.run_all(["pit_gt"], experiments, [0], str(out), num_steps=3000)
+
+    # A flagfile in the chain whose content changed since the run (here the included benchmark.cfg) is refused.
+    real_repo, repo = results_table.REPO, tmp_path / "repo"
+    chain = results_table.args_flagfiles(results_table.train_args(experiments["source_only"], 0, str(out)))
+    assert set(chain) == {"flags/experiments/source_only.cfg", "flags/base/benchmark.cfg"}
+    for path in chain:
+        (repo / path).parent.mkdir(parents=True, exist_ok=True)
+        (repo / path).write_text((real_repo / path).read_text())
+    monkeypatch.setattr(results_table, "REPO", repo)
+    assert results_table.run_all(["source_only"], experiments, [0], str(out)) == {}
+    with open(repo / "flags/base/benchmark.cfg", "a") as f:
+        f.write("--num_steps=10\n")
+    with pytest.raises(UserError, match="made before flags/base/benchmark.cfg changed"):
+        results_table.run_all(["source_only"], experiments, [0], str(out))
+    monkeypatch.setattr(results_table, "REPO", real_repo)
 
     def failing_call(command, cwd, stdout, stderr, env):
         stdout.write("error: something broke\n")

@@ -4,7 +4,7 @@ writes docs/results.md and a JSON of every number.
     python tools/results_table.py --output_dir=runs/results --seeds=0,1,2
 
 One experiment is one flagfile, `flags/experiments/NAME.cfg`, which includes `flags/base/benchmark.cfg` (the
-benchmark and schedule every row shares), `flags/demo.cfg` or another experiment, and adds its flags. Its header says where it goes:
+benchmark and schedule every row shares; PIT rows through `flags/base/benchmark_pit.cfg`), `flags/demo.cfg` or another experiment, and adds its flags. Its header says where it goes:
 
     # row: the label in the table
     # table: main | self_training | ablation | table5 | table3 | table4 | lr | diagnostic | second_benchmark
@@ -25,6 +25,7 @@ mixing settings in one table.
 
 import dataclasses
 import datetime
+import hashlib
 import importlib.metadata
 import json
 import math
@@ -223,12 +224,44 @@ def write_text_atomic(path, text):
     atomic.write_text_atomic(path, text)
 
 
+def flagfile_chain(path, seen=None):
+    """`{path: sha256}` of a flagfile and every flagfile it includes (paths relative to the repo root), so that
+    a run records the content it was made with, not only the flagfile's name."""
+    seen = {} if seen is None else seen
+    full = REPO / path
+    if path in seen or not full.is_file():
+        return seen
+    text = full.read_text()
+    seen[path] = hashlib.sha256(text.encode()).hexdigest()
+    for line in text.splitlines():
+        line = line.strip()
+        if line.startswith("--flagfile="):
+            flagfile_chain(line.split("=", 1)[1], seen)
+    return seen
+
+
+def args_flagfiles(args):
+    chain = {}
+    for arg in args:
+        if arg.startswith("--flagfile="):
+            flagfile_chain(arg.split("=", 1)[1], chain)
+    return chain
+
+
 def check_record(folder, args):
-    """Refuses a run folder made with other flags (a finished run would otherwise be reused silently)."""
+    """Refuses a run folder made with other flags or with flagfiles whose content has changed since (a finished
+    run would otherwise be reused silently)."""
     record = read_record(folder)
-    if record is not None and record["args"] != args:
+    if record is None:
+        return
+    if record["args"] != args:
         raise UserError(f"{folder} was made with other flags ({' '.join(record['args'])}), not "
                         f"{' '.join(args)}; use another --output_dir or remove that folder.")
+    changed = sorted(path for path, digest in args_flagfiles(args).items()
+                     if record.get("flagfiles", {}).get(path) != digest)
+    if changed:
+        raise UserError(f"{folder} was made before {', '.join(changed)} changed; use another --output_dir or "
+                        "remove that folder.")
 
 
 def run_module(module, args, folder, log_name):
@@ -265,11 +298,14 @@ def train_one(experiment, seed, output_dir, num_steps=None):
     previous = read_record(folder) or {}
     print(f"[{time.strftime('%H:%M:%S')}] training {experiment.name} seed {seed} -> {folder}", flush=True)
     os.makedirs(folder, exist_ok=True)
-    write_json_atomic(os.path.join(folder, RUN_RECORD), {"args": args, "seconds": None, "returncode": None})
+    chain = args_flagfiles(args)
+    write_json_atomic(os.path.join(folder, RUN_RECORD),
+                      {"args": args, "flagfiles": chain, "seconds": None, "returncode": None})
     code, seconds = run_module("pit_keras.train", args, folder, "train.log")
     # A resumed run's time adds up its attempts.
     seconds += previous.get("seconds") or 0.0
-    write_json_atomic(os.path.join(folder, RUN_RECORD), {"args": args, "seconds": seconds, "returncode": code})
+    write_json_atomic(os.path.join(folder, RUN_RECORD),
+                      {"args": args, "flagfiles": chain, "seconds": seconds, "returncode": code})
     if code != 0 or not is_done(folder):
         reason = f"train exited with {code}: {log_tail(folder, 'train.log')}"
         print(f"  failed: {reason}", flush=True)
@@ -462,7 +498,8 @@ def markdown(summary, command, machine_info, seeds, failures, notes=None):
         "",
         f"Every row is `python -m pit_keras.train --flagfile={EXPERIMENTS}/NAME.cfg --seed=S` (its flagfile is "
         "named in the row): `flags/base/benchmark.cfg` (tiny backbone, 256x128, batch 4 + 4, SGD lr 0.05 with "
-        "poly decay, weight decay 1e-4, 1500 steps) and the experiment's flags; the same data, step count and "
+        "poly decay, weight decay 1e-4, 1500 steps; PIT rows through `flags/base/benchmark_pit.cfg`, the w^k at a "
+        "tenth of the heads' rate) and the experiment's flags; the same data, step count and "
         "evaluation (the last checkpoint, no selection on target val) for every row, seeds "
         f"{', '.join(map(str, seeds))} unless the row says one seed. Target mIoU (%) on the benchmark's 100 target "
         "val images: mean ± sample standard deviation over seeds; a row's delta to its reference is taken over "
