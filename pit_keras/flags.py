@@ -63,6 +63,14 @@ def define_train_flags():
                         "Target image-level labels: teacher (the self-training teacher's class shares, no target "
                         "label read; needs --self_training), a JSON file (python -m pit_keras.image_labels) or "
                         "ground_truth (the weakly supervised setting). Required by pit.")
+    flags.DEFINE_string("image_labels_prior", None,
+                        "With --image_labels=teacher: a JSON of target image labels (python -m "
+                        "pit_keras.image_labels) that the target L_c starts on; the teacher's shares are blended in "
+                        "over --st_start/--st_ramp instead of ramping the term.")
+    flags.DEFINE_enum("image_label_confidence", "none", ["none", "entropy", "agreement"],
+                      "With --image_labels=teacher: weigh the target L_c per image and class by the teacher's "
+                      "confidence in the pixels behind each share (entropy) or by the agreement of teacher and "
+                      "--image_labels_prior (agreement).")
     flags.DEFINE_enum("image_label_kind", "shares", ["shares", "presence"],
                       "What L_c learns on both domains: each class's share of the image, or its presence (1 if "
                       "present: the paper's Table 5 weak labels).")

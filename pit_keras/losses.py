@@ -115,7 +115,7 @@ def weighted_pixel_cross_entropy(labels, logits, weights, ignore_index=IGNORE_IN
     return tf.math.divide_no_nan(tf.reduce_sum(weighted, axis=[1, 2]), tf.reduce_sum(mask, axis=[1, 2]))
 
 
-def image_level_bce(soft_labels, image_logits, reduction="mean"):
+def image_level_bce(soft_labels, image_logits, reduction="mean", weights=None):
     """Soft-label binary cross-entropy L_img between image-level labels and sigmoid(s^k), per image.
 
     Args:
@@ -124,6 +124,8 @@ def image_level_bce(soft_labels, image_logits, reduction="mean"):
         reduction: "mean" over classes (the default), as a PyTorch `BCEWithLogitsLoss` with its default
             reduction computes it, or "sum" over classes, as the paper's L_c is written (the trainer sums over
             units k): the same loss with lambda_c multiplied by C.
+        weights: optional `[B, C]` per-image, per-class weights in [0, 1] (how far each estimated label is
+            trusted); the reduction still divides by C, so a weight below 1 lowers the term.
 
     Returns:
         `[B]` cross-entropy summed or averaged over classes.
@@ -132,6 +134,8 @@ def image_level_bce(soft_labels, image_logits, reduction="mean"):
         raise ValueError(f"reduction must be sum or mean, got {reduction!r}")
     per_class = tf.nn.sigmoid_cross_entropy_with_logits(
         labels=tf.cast(soft_labels, tf.float32), logits=tf.cast(image_logits, tf.float32))
+    if weights is not None:
+        per_class = per_class * tf.cast(weights, tf.float32)
     return tf.reduce_sum(per_class, axis=-1) if reduction == "sum" else tf.reduce_mean(per_class, axis=-1)
 
 

@@ -130,6 +130,30 @@ def class_shares(probabilities):
     return tf.reduce_mean(probabilities, axis=[1, 2])
 
 
+LABEL_CONFIDENCES = ("none", "entropy", "agreement")
+
+
+def class_confidence(probabilities, smoothing=0.01):
+    """`[B, C]` the teacher's confidence in each class share of each image: the mean of the per-pixel
+    confidence `1 - H(p) / log C` over the pixels, each pixel counted by its probability of the class, so a class
+    share made of uncertain pixels gets a low weight. `smoothing` pulls a class with (almost) no pixels towards
+    the image's mean confidence (its absence is as sure as the image's prediction)."""
+    num_classes = probabilities.shape[-1]
+    p = tf.cast(probabilities, tf.float32)
+    entropy = -tf.reduce_sum(p * tf.math.log(tf.maximum(p, 1e-12)), axis=-1) / tf.math.log(float(num_classes))
+    confidence = 1.0 - entropy  # [B, H, W]
+    weighted = tf.reduce_mean(p * confidence[..., None], axis=[1, 2])
+    shares = tf.reduce_mean(p, axis=[1, 2])
+    mean = tf.reduce_mean(confidence, axis=[1, 2])[:, None]
+    return (weighted + smoothing * mean) / (shares + smoothing)
+
+
+def label_agreement(a, b, smoothing=0.01):
+    """`[B, C]` agreement of two estimates of the same image labels, in [0, 1]: `1 - |a - b| / (a + b + s)`."""
+    a, b = tf.cast(a, tf.float32), tf.cast(b, tf.float32)
+    return 1.0 - tf.abs(a - b) / (a + b + smoothing)
+
+
 def global_example_keys(seed, step, batch_size, num_classes):
     """`[batch_size, C]` uniform keys for this replica's examples, taken from the rows of a stateless draw over
     the global batch that this replica's slice holds (Keras splits a global batch into contiguous slices)."""

@@ -6,6 +6,7 @@ Resumes from the newest checkpoint in --model_dir. See `python -m pit_keras.trai
 """
 
 import math
+import os
 
 from absl import flags
 
@@ -26,6 +27,15 @@ def parse_config():
         raise UserError(f"--image_labels is only used by --method=pit, not --method={FLAGS.method}.")
     if FLAGS.image_labels == "teacher" and not FLAGS.self_training:
         raise UserError("--image_labels=teacher needs --self_training (the teacher estimates the labels).")
+    if (FLAGS.image_labels_prior or FLAGS.image_label_confidence != "none") and FLAGS.image_labels != "teacher":
+        name = "image_labels_prior" if FLAGS.image_labels_prior else "image_label_confidence"
+        raise UserError(f"--{name} only applies with --image_labels=teacher, not --image_labels={FLAGS.image_labels}.")
+    if FLAGS.image_label_confidence == "agreement" and not FLAGS.image_labels_prior:
+        raise UserError("--image_label_confidence=agreement needs --image_labels_prior (the estimate the teacher "
+                        "is compared with).")
+    if FLAGS.image_labels_prior and not os.path.isfile(os.path.expanduser(FLAGS.image_labels_prior)):
+        raise UserError(f"--image_labels_prior={FLAGS.image_labels_prior}: no such file (a JSON written by "
+                        "python -m pit_keras.image_labels).")
     for name, low, high in (("st_ema", 0.0, 1.0), ("st_threshold", 0.0, 1.0)):
         if not low <= FLAGS[name].value <= high:
             raise UserError(f"--{name}={FLAGS[name].value}: must be between {low} and {high}.")
@@ -63,6 +73,8 @@ def parse_config():
         "lambda_st": FLAGS.lambda_st, "st_ema": FLAGS.st_ema, "st_threshold": FLAGS.st_threshold,
         "st_teacher_bn": FLAGS.st_teacher_bn, "st_classmix": FLAGS.st_classmix, "st_start": FLAGS.st_start,
         "st_ramp": FLAGS.st_ramp, "st_flip": FLAGS.st_flip,
+        "image_labels_prior": FLAGS.image_labels_prior and os.path.expanduser(FLAGS.image_labels_prior),
+        "image_label_confidence": FLAGS.image_label_confidence,
         "batch_size": FLAGS.batch_size, "num_steps": FLAGS.num_steps, "learning_rate": FLAGS.learning_rate,
         "momentum": FLAGS.momentum, "weight_decay": FLAGS.weight_decay, "poly_power": FLAGS.poly_power,
         "seed": FLAGS.seed, "strategy": FLAGS.strategy, "cpu_replicas": FLAGS.cpu_replicas,

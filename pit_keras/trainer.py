@@ -14,7 +14,11 @@ A method is a set of weighted loss terms, named by term and domain as they are l
 
 With self-training, `st_confident` reports the mean confidence weight of the pseudo-labels (not a loss), and
 PIT may take its target image labels from the teacher (`image_labels_from_teacher`): the class shares of the
-teacher's soft predictions on each target batch, ramped in with the self-training term.
+teacher's soft predictions on each target batch, ramped in with the self-training term; with
+`image_label_prior`, L_c on target starts on a prior estimate (the batch's `target_image_labels`, e.g. the
+regressor's) and the ramp blends it into the teacher's. `image_label_confidence` weighs the target L_c per
+image and class: by the teacher's confidence in the pixels behind each share ("entropy"), or by how far the
+teacher and the prior agree ("agreement").
 
 The step is pure (no logging, images or host syncs); callbacks do the rest.
 """
@@ -32,6 +36,7 @@ LOSS_RESOLUTIONS = ("feature", "input")
 RECON_STOP_GRADIENTS = ("none", "fine", "coarse")
 RECON_SPACES = ("logits", "probabilities")
 IMAGE_LABEL_KINDS = ("shares", "presence")
+LABEL_CONFIDENCES = self_training.LABEL_CONFIDENCES
 
 
 @dataclasses.dataclass(frozen=True)
@@ -95,13 +100,19 @@ class PITTrainer(keras.Model):
         recon_stop_gradient: "none" (the paper), "fine" (L_r trains the coarse units and w^k towards the fine
             map) or "coarse" (L_r trains the fine branch towards the units' reconstruction).
         recon_space: L_r on "logits" (the paper's S) or on "probabilities" (softmax of each map).
+        image_label_prior: with teacher image labels, L_c on target starts on the batch's `target_image_labels`
+            and the teacher's ramp blends them into the teacher's shares (no ramp of the term itself).
+        image_label_confidence: "none", "entropy" (the teacher's confidence in each share,
+            `self_training.class_confidence`) or "agreement" (of teacher and prior,
+            `self_training.label_agreement`; needs the prior) as per-image, per-class weights of the target L_c.
     """
 
     def __init__(self, network, num_classes, method="pit", lse_r=(0.5, 1.0, 1.5), lse_normalize=True,
                  lambda_c=0.5, lambda_r=0.5, lambda_ent=0.001, recon_domains=DOMAINS,
                  loss_resolution="feature", interaction_lr_multiplier=1.0, image_loss_reduction="mean",
                  head_lr_multiplier=1.0, image_label_kind="shares", self_training=None,
-                 image_labels_from_teacher=False, recon_stop_gradient="none", recon_space="logits", **kwargs):
+                 image_labels_from_teacher=False, recon_stop_gradient="none", recon_space="logits",
+                 image_label_prior=False, image_label_confidence="none", **kwargs):
         super().__init__(**kwargs)
         if method not in METHODS:
             raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -115,6 +126,13 @@ class PITTrainer(keras.Model):
             raise ValueError(f"recon_space must be one of {RECON_SPACES}, got {recon_space!r}")
         if image_labels_from_teacher and self_training is None:
             raise ValueError("image_labels_from_teacher needs self_training")
+        if (image_label_prior or image_label_confidence != "none") and not image_labels_from_teacher:
+            raise ValueError("image_label_prior and image_label_confidence need image_labels_from_teacher")
+        if image_label_confidence not in LABEL_CONFIDENCES:
+            raise ValueError(f"image_label_confidence must be one of {LABEL_CONFIDENCES}, got "
+                             f"{image_label_confidence!r}")
+        if image_label_confidence == "agreement" and not image_label_prior:
+            raise ValueError("image_label_confidence='agreement' needs image_label_prior")
         unknown = set(recon_domains) - set(DOMAINS)
         if unknown:
             raise ValueError(f"recon_domains must be among {DOMAINS}, got {sorted(unknown)}")
@@ -133,6 +151,8 @@ class PITTrainer(keras.Model):
         self.image_label_kind = image_label_kind
         self.self_training = self_training
         self.image_labels_from_teacher = image_labels_from_teacher and method == "pit"
+        self.image_label_prior = bool(image_label_prior) and self.image_labels_from_teacher
+        self.image_label_confidence = image_label_confidence if self.image_labels_from_teacher else "none"
         # Built by `build_teacher` inside the strategy's scope, after the network.
         self.teacher = None
         self.term_weights = self._term_weights(lambda_c, lambda_r, lambda_ent, tuple(recon_domains))
@@ -195,14 +215,14 @@ class PITTrainer(keras.Model):
         cams = [outputs[f"cam_{k}{suffix}"] for k in range(len(self.lse_r))]
         return cams, outputs[f"seg{suffix}"]
 
-    def _pit_terms(self, outputs, image_labels, domain):
+    def _pit_terms(self, outputs, image_labels, domain, label_weights=None):
         cams, seg = self._unit_maps(outputs)
         terms = {}
         tag = "src" if domain == "source" else "trg"
         if f"img_{tag}" in self.term_weights:
             terms[f"img_{tag}"] = tf.add_n([
                 losses.image_level_bce(image_labels, losses.lse_pool(cam, r, self.lse_normalize),
-                                       self.image_loss_reduction)
+                                       self.image_loss_reduction, label_weights)
                 for cam, r in zip(cams, self.lse_r)])
         if f"rec_{tag}" in self.term_weights:
             # Which branch teaches which: a stop-gradient on one side makes L_r train only the other.
@@ -238,6 +258,7 @@ class PITTrainer(keras.Model):
         if self.method == "pit":
             source_labels = self._image_labels(losses.image_level_labels(batch["source_label"], self.num_classes))
             terms.update(self._pit_terms(source, source_labels, "source"))
+            label_weights = None
             if self.image_labels_from_teacher:
                 # Class shares of the teacher's soft prediction; presence: the classes it predicts anywhere.
                 shares = self_training.class_shares(teacher_probabilities)
@@ -245,9 +266,17 @@ class PITTrainer(keras.Model):
                     hard = tf.one_hot(tf.argmax(teacher_probabilities, axis=-1), self.num_classes)
                     shares = tf.reduce_mean(hard, axis=[1, 2])
                 target_labels = self._image_labels(shares)
+                if self.image_label_prior:
+                    prior = self._image_labels(tf.cast(batch["target_image_labels"], tf.float32))
+                    alpha = self._teacher_ramp()
+                    if self.image_label_confidence == "agreement":
+                        label_weights = self_training.label_agreement(target_labels, prior)
+                    target_labels = alpha * target_labels + (1.0 - alpha) * prior
+                if self.image_label_confidence == "entropy":
+                    label_weights = self_training.class_confidence(teacher_probabilities)
             else:
                 target_labels = self._image_labels(batch["target_image_labels"])
-            terms.update(self._pit_terms(target, target_labels, "target"))
+            terms.update(self._pit_terms(target, target_labels, "target", label_weights))
         elif "ent_trg" in self.term_weights:  # lambda_ent = 0 keeps the target's BatchNorm statistics only
             terms["ent_trg"] = losses.entropy_loss(target["seg"])
         if "st_trg" in self.term_weights:  # lambda_st = 0 keeps the teacher for PIT's image labels only
@@ -278,11 +307,17 @@ class PITTrainer(keras.Model):
         return {"st_trg": losses.weighted_pixel_cross_entropy(label, student["seg"], weight),
                 "st_confident": confidence}
 
-    def _dynamic_scale(self, name):
-        """The ramp of the self-training term and of teacher image labels at the current step."""
-        if self.self_training is None or not (name == "st_trg" or (name == "img_trg" and self.image_labels_from_teacher)):
-            return 1.0
+    def _teacher_ramp(self):
         return self_training.ramp(self.optimizer.iterations, self.self_training.start, self.self_training.ramp)
+
+    def _dynamic_scale(self, name):
+        """The ramp of the self-training term and of teacher image labels at the current step (teacher labels
+        blended from a prior need none: L_c on target is on from the first step)."""
+        if self.self_training is None:
+            return 1.0
+        if name == "st_trg" or (name == "img_trg" and self.image_labels_from_teacher and not self.image_label_prior):
+            return self._teacher_ramp()
+        return 1.0
 
     def train_step(self, batch):
         with tf.GradientTape() as tape:

@@ -26,12 +26,15 @@ TEACHER_LABELS = "teacher"  # --image_labels value: PIT's target image labels fr
 
 def target_image_labels(config, target_pairs, reader, target_root):
     """`[N, C]` image-level labels of the target training images, from JSON or ground truth."""
-    if config["image_labels"] == TEACHER_LABELS:  # computed in the training step
-        return np.zeros((len(target_pairs), config["num_classes"]), np.float32)
-    if config["image_labels"] == "ground_truth":
+    path = config["image_labels"]
+    if path == TEACHER_LABELS:  # computed in the training step, from a prior if there is one
+        path = config.get("image_labels_prior")
+        if not path:
+            return np.zeros((len(target_pairs), config["num_classes"]), np.float32)
+    if path == "ground_truth":
         return soft_labels.from_ground_truth([l for _, l in target_pairs], reader, config["num_classes"])
     keys = [relative_key(target_root, image) for image, _ in target_pairs]
-    return soft_labels.load_json(os.path.expanduser(config["image_labels"]), keys, config["num_classes"])
+    return soft_labels.load_json(os.path.expanduser(path), keys, config["num_classes"])
 
 
 def self_training_settings(config):
@@ -58,7 +61,9 @@ def build_trainer(config, network):
         image_label_kind=config.get("image_label_kind", "shares"),
         self_training=self_training_settings(config),
         image_labels_from_teacher=config.get("image_labels") == TEACHER_LABELS,
-        recon_stop_gradient=config.get("recon_stop_gradient", "none"), recon_space=config.get("recon_space", "logits"))
+        recon_stop_gradient=config.get("recon_stop_gradient", "none"), recon_space=config.get("recon_space", "logits"),
+        image_label_prior=bool(config.get("image_labels_prior")),
+        image_label_confidence=config.get("image_label_confidence", "none"))
     trainer.build_teacher()
     schedule = keras.optimizers.schedules.PolynomialDecay(
         config["learning_rate"], decay_steps=config["num_steps"], end_learning_rate=0.0, power=config["poly_power"])
@@ -99,7 +104,9 @@ def load_domains(config, trainer):
         if config["method"] == "pit":
             labels = target_image_labels(config, target_pairs, reader, root)
             origin = {"ground_truth": "ground truth (the weakly supervised setting)",
-                      TEACHER_LABELS: "the self-training teacher's class shares (no target label is read)"}.get(
+                      TEACHER_LABELS: "the self-training teacher's class shares (no target label is read)" + (
+                          f", blended in from {config['image_labels_prior']}" if config.get("image_labels_prior")
+                          else "")}.get(
                 config["image_labels"], config["image_labels"])
             print(f"target image-level labels of {len(target_pairs)} images: {origin}")
         else:

@@ -209,3 +209,60 @@ def test_a_teacher_of_a_network_with_dropout_runs_it_off_and_copies_integer_stat
     np.testing.assert_allclose(teacher.outputs(images)["seg"].numpy(), network(images, training=False)["seg"].numpy(),
                                atol=1e-5)
     assert network.layers[-1].rate == 0.5  # restored for the student
+
+
+def test_class_confidence_and_label_agreement_match_numpy():
+    rng = np.random.default_rng(7)
+    p = rng.dirichlet(np.ones(C) * 0.4, size=(2, 6, 5)).astype(np.float64)
+    confidence = 1.0 + (p * np.log(p)).sum(-1) / np.log(C)  # 1 - normalised entropy, per pixel
+    s = 0.01
+    expected = (((p * confidence[..., None]).mean((1, 2)) + s * confidence.mean((1, 2))[:, None])
+                / (p.mean((1, 2)) + s))
+    got = self_training.class_confidence(tf.constant(p, tf.float32), smoothing=s).numpy()
+    np.testing.assert_allclose(got, expected, rtol=1e-5)
+    # A class carried by confident pixels outweighs one carried by uncertain pixels of the same share.
+    sure = np.full((1, 2, 2, C), 0.0, np.float32)
+    sure[0, 0, :, 0] = 1.0  # two certain pixels of class 0
+    sure[0, 1, :, :] = 1.0 / C  # two uniform pixels
+    weights = self_training.class_confidence(tf.constant(sure)).numpy()[0]
+    assert weights[0] > 0.8 and weights[1] < 0.1
+    a, b = rng.dirichlet(np.ones(C), size=3), rng.dirichlet(np.ones(C), size=3)
+    np.testing.assert_allclose(self_training.label_agreement(a, b).numpy(), 1 - np.abs(a - b) / (a + b + 0.01),
+                               rtol=1e-5)
+    np.testing.assert_allclose(self_training.label_agreement(a, a).numpy(), 1.0, rtol=1e-6)
+
+
+def pit_batch(seed=5, prior=None):
+    rng = np.random.default_rng(seed)
+    return {"source_image": rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32),
+            "source_label": rng.integers(0, C, (2, 32, 32)).astype(np.uint8),
+            "target_image": rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32),
+            "target_image_labels": (rng.dirichlet(np.ones(C), size=2) if prior is None else prior).astype(np.float32)}
+
+
+@pytest.mark.parametrize("confidence", ["none", "entropy", "agreement"])
+def test_teacher_labels_blended_from_a_prior_and_weighted_by_confidence(confidence):
+    network = small_network(units=1)
+    trainer = PITTrainer(network, C, "pit", lse_r=(1.0,), image_labels_from_teacher=True, image_label_prior=True,
+                         image_label_confidence=confidence, self_training=SelfTraining(weight=0.0, start=0, ramp=4))
+    trainer.build_teacher()
+    trainer.compile(optimizer=keras.optimizers.SGD(0.01))
+    batch = pit_batch()
+    teacher = self_training.teacher_probabilities(trainer.teacher, batch["target_image"])
+    shares = self_training.class_shares(teacher).numpy()
+    prior = batch["target_image_labels"]
+    if confidence == "entropy":
+        weights = self_training.class_confidence(teacher).numpy()
+    elif confidence == "agreement":
+        weights = self_training.label_agreement(shares, prior).numpy()
+    else:
+        weights = np.ones_like(prior)
+    logits = losses.lse_pool(network(batch["target_image"])["cam_0_feat"], 1.0, True).numpy()
+    for step, alpha in ((0, 0.0), (1, 0.25), (4, 1.0)):
+        trainer.optimizer.iterations.assign(step)
+        assert float(trainer._dynamic_scale("img_trg")) == 1.0  # L_c on target is on from the first step
+        labels = alpha * shares + (1 - alpha) * prior
+        bce = np.maximum(logits, 0) - logits * labels + np.log1p(np.exp(-np.abs(logits)))
+        expected = (bce * weights).mean(-1)
+        got = trainer.compute_terms(batch)["img_trg"].numpy()
+        np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)

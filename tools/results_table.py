@@ -11,8 +11,10 @@ benchmark and schedule every row shares; PIT rows through `flags/base/benchmark_
     # paper: the paper's number and table (or -)
     # reference: the experiment its delta is taken against (optional)
     # seeds: 1 (optional: an ablation row on the first seed only; it quotes the main rows' spread)
-    # image_labels: regressor | regressor_standardize (optional: this tool writes each seed's target image
-    #   labels with `python -m pit_keras.image_labels` on the backbone of the same seed's source_only run)
+    # image_labels: regressor | regressor_standardize | ... (a key of LABELS; optional: this tool writes each
+    #   seed's target image labels with `python -m pit_keras.image_labels` on the backbone of the same seed's
+    #   source_only run and passes them as --image_labels)
+    # image_labels_prior: the same kinds, passed as --image_labels_prior (teacher labels blended in from them)
     # order: a number that sorts the rows of a table (optional; else by name)
 
 Every (experiment, seed) is its own `python -m pit_keras.train --flagfile=flags/experiments/NAME.cfg` process in
@@ -49,7 +51,13 @@ EXPERIMENTS = "flags/experiments"
 RUN_RECORD = "results_table.json"  # in each run folder: the train flags it was made with, time, exit code
 EVAL_FILE = "eval_val.json"
 SOURCE_ONLY = "source_only"  # the experiment whose backbone the regressor reads
-LABELS = {"regressor": "none", "regressor_standardize": "standardize"}  # header value -> --feature_alignment
+# header value -> (the `pit_keras.image_labels` flags of the regressor's features, what they are)
+LABELS = {
+    "regressor": ((), "pooled backbone features"),
+    "regressor_standardize": (("--feature_alignment=standardize",), "features standardized per domain"),
+    "regressor_adabn": (("--feature_alignment=adabn",), "each domain's features with its own BatchNorm statistics "
+                        "(AdaBN)"),
+}
 # (table key, title); rows print in this order.
 TABLES = (
     ("main", "Main rows"),
@@ -62,7 +70,7 @@ TABLES = (
     ("diagnostic", "Diagnostic rows (not in the paper)"),
     ("second_benchmark", "The same flags on a second benchmark (generator seed 1)"),
 )
-HEADER_KEYS = ("row", "table", "paper", "reference", "seeds", "image_labels", "order")
+HEADER_KEYS = ("row", "table", "paper", "reference", "seeds", "image_labels", "image_labels_prior", "order")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,6 +85,12 @@ class Experiment:
     seeds: int = 0  # 0: every --seeds
     image_labels: str = ""
     order: float = 0.0
+    image_labels_prior: str = ""
+
+    @property
+    def label_kinds(self):
+        """The regressor labels this experiment needs written first."""
+        return [kind for kind in (self.image_labels, self.image_labels_prior) if kind]
 
     @property
     def flagfile(self):
@@ -108,11 +122,13 @@ def load_experiments(folder=None):
             raise UserError(f"{path}: its header lacks '# {missing[0]}: ...'.")
         if header["table"] not in tables:
             raise UserError(f"{path}: table {header['table']!r} is not one of {', '.join(tables)}.")
-        if header.get("image_labels", "") not in ("", *LABELS):
-            raise UserError(f"{path}: image_labels {header['image_labels']!r} is not one of {', '.join(LABELS)}.")
+        for key in ("image_labels", "image_labels_prior"):
+            if header.get(key, "") not in ("", *LABELS):
+                raise UserError(f"{path}: {key} {header[key]!r} is not one of {', '.join(LABELS)}.")
         found.append(Experiment(path.stem, header["row"], header["table"], header.get("paper", "-"),
                                 header.get("reference", ""), int(header.get("seeds", 0)),
-                                header.get("image_labels", ""), float(header.get("order", 0))))
+                                header.get("image_labels", ""), float(header.get("order", 0)),
+                                header.get("image_labels_prior", "")))
     found.sort(key=lambda e: (tables.index(e.table), e.order, e.name))
     experiments = {e.name: e for e in found}
     for e in found:
@@ -188,6 +204,8 @@ def train_args(experiment, seed, output_dir, num_steps=None):
         args.append(f"--num_steps={num_steps}")
     if experiment.image_labels:
         args.append(f"--image_labels={image_labels_path(output_dir, seed, experiment.image_labels)}")
+    if experiment.image_labels_prior:
+        args.append(f"--image_labels_prior={image_labels_path(output_dir, seed, experiment.image_labels_prior)}")
     return args
 
 
@@ -197,9 +215,7 @@ def regressor_args(output_dir, seed, kind="regressor"):
     args = ["--source=synthetic", "--target=synthetic", f"--output={image_labels_path(output_dir, seed, kind)}",
             f"--seed={seed}", "--features=backbone", f"--model_dir={run_dir(output_dir, SOURCE_ONLY, seed)}",
             "--image_size=256,128"]
-    if LABELS[kind] != "none":
-        args.append(f"--feature_alignment={LABELS[kind]}")
-    return args
+    return args + list(LABELS[kind][0])
 
 
 def is_done(folder):
@@ -348,11 +364,12 @@ def run_all(names, experiments, seeds, output_dir, num_steps=None):
     for name in names:
         experiment = experiments[name]
         for seed in seeds_of(experiment, seeds):
-            if experiment.image_labels:
-                reason = make_image_labels(seed, output_dir, experiments, num_steps, experiment.image_labels)
-                if reason:
-                    failures[(name, seed)] = f"no image labels: {reason}"
-                    continue
+            reasons = [make_image_labels(seed, output_dir, experiments, num_steps, kind)
+                       for kind in experiment.label_kinds]
+            reason = next((r for r in reasons if r), None)
+            if reason:
+                failures[(name, seed)] = f"no image labels: {reason}"
+                continue
             reason = train_one(experiment, seed, output_dir, num_steps)
             if reason:
                 failures[(name, seed)] = reason
@@ -423,7 +440,7 @@ def summarize(output_dir, names, experiments, seeds, regressor_distances=True):
     """Every number of the table: `{"rows": {name: collect_row(...)}, "regressor": {kind: {seed: ...}}}`."""
     summary = {"rows": {name: collect_row(output_dir, experiments[name], seeds) for name in names},
                "regressor": {}}
-    kinds = sorted({experiments[name].image_labels for name in names if experiments[name].image_labels})
+    kinds = sorted({kind for name in names for kind in experiments[name].label_kinds})
     for kind in kinds if regressor_distances else ():
         reports = {seed: read_target_truth_shares(output_dir, seed, kind) for seed in seeds}
         summary["regressor"][kind] = {seed: r for seed, r in reports.items() if r is not None}
@@ -531,8 +548,8 @@ def markdown(summary, command, machine_info, seeds, failures, notes=None):
             continue
         lines += ["", f"## The regressor's target image labels ({kind})", "",
                   "Each seed's labels come from `python -m pit_keras.image_labels --features=backbone` on the "
-                  "backbone of the same seed's `source_only` run"
-                  + (", features standardized per domain" if LABELS[kind] != "none" else "") + ". Mean distance "
+                  f"backbone of the same seed's `source_only` run ({LABELS[kind][1]}; "
+                  f"`{' '.join(LABELS[kind][0]) or 'no extra flag'}`). Mean distance "
                   "to the true class shares of the 400 target training images (lower is better):", "",
                   "| seed | regressor chi-squared | source-mean prior chi-squared | regressor L1 | prior L1 |",
                   "|---|---|---|---|---|"]
