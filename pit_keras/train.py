@@ -33,9 +33,6 @@ def parse_config():
     if FLAGS.image_label_confidence == "agreement" and not FLAGS.image_labels_prior:
         raise UserError("--image_label_confidence=agreement needs --image_labels_prior (the estimate the teacher "
                         "is compared with).")
-    if FLAGS.image_labels_prior and not os.path.isfile(os.path.expanduser(FLAGS.image_labels_prior)):
-        raise UserError(f"--image_labels_prior={FLAGS.image_labels_prior}: no such file (a JSON written by "
-                        "python -m pit_keras.image_labels).")
     for name, low, high in (("st_ema", 0.0, 1.0), ("st_threshold", 0.0, 1.0)):
         if not low <= FLAGS[name].value <= high:
             raise UserError(f"--{name}={FLAGS[name].value}: must be between {low} and {high}.")

@@ -26,15 +26,15 @@ TEACHER_LABELS = "teacher"  # --image_labels value: PIT's target image labels fr
 
 def target_image_labels(config, target_pairs, reader, target_root):
     """`[N, C]` image-level labels of the target training images, from JSON or ground truth."""
-    path = config["image_labels"]
+    path, flag = config["image_labels"], "image_labels"
     if path == TEACHER_LABELS:  # computed in the training step, from a prior if there is one
-        path = config.get("image_labels_prior")
+        path, flag = config.get("image_labels_prior"), "image_labels_prior"
         if not path:
             return np.zeros((len(target_pairs), config["num_classes"]), np.float32)
     if path == "ground_truth":
         return soft_labels.from_ground_truth([l for _, l in target_pairs], reader, config["num_classes"])
     keys = [relative_key(target_root, image) for image, _ in target_pairs]
-    return soft_labels.load_json(os.path.expanduser(path), keys, config["num_classes"])
+    return soft_labels.load_json(os.path.expanduser(path), keys, config["num_classes"], flag=flag)
 
 
 def self_training_settings(config):

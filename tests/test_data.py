@@ -124,6 +124,8 @@ def test_image_labels_json_round_trip_and_errors(tmp_path):
         soft_labels.load_json(str(tmp_path / "bad.json"), keys, 3)
     with pytest.raises(UserError, match="no such file"):
         soft_labels.load_json(str(tmp_path / "missing.json"), keys, 3)
+    with pytest.raises(UserError, match="^--image_labels_prior=.*missing.json: no such file"):
+        soft_labels.load_json(str(tmp_path / "missing.json"), keys, 3, flag="image_labels_prior")
     assert json.loads((tmp_path / "labels.json").read_text())[keys[1]][2] == pytest.approx(0.7)
 
 

@@ -266,3 +266,21 @@ def test_teacher_labels_blended_from_a_prior_and_weighted_by_confidence(confiden
         expected = (bce * weights).mean(-1)
         got = trainer.compute_terms(batch)["img_trg"].numpy()
         np.testing.assert_allclose(got, expected, rtol=1e-4, atol=1e-6)
+
+
+def test_a_runs_prior_is_read_as_the_target_image_labels(tmp_path):
+    from pit_keras import training
+    from pit_keras.data import soft_labels
+
+    root = tmp_path / "target"
+    pairs = [(str(root / "leftImg8bit" / "train" / "a" / f"{n}_leftImg8bit.png"), None) for n in ("x", "y")]
+    keys = [training.relative_key(str(root), image) for image, _ in pairs]
+    rows = np.asarray([[0.5, 0.5, 0, 0, 0], [0, 0, 1.0, 0, 0]], np.float32)
+    soft_labels.write_json(str(tmp_path / "prior.json"), keys, rows)
+    config = {"image_labels": "teacher", "num_classes": C, "image_labels_prior": str(tmp_path / "prior.json")}
+    np.testing.assert_allclose(training.target_image_labels(config, pairs, None, str(root)), rows)
+    config["image_labels_prior"] = None  # without a prior the teacher's labels are computed in the step
+    assert not training.target_image_labels(config, pairs, None, str(root)).any()
+    config["image_labels_prior"] = str(tmp_path / "missing.json")
+    with pytest.raises(Exception, match="--image_labels_prior="):
+        training.target_image_labels(config, pairs, None, str(root))

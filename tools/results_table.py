@@ -7,7 +7,7 @@ One experiment is one flagfile, `flags/experiments/NAME.cfg`, which includes `fl
 benchmark and schedule every row shares; PIT rows through `flags/base/benchmark_pit.cfg`), `flags/demo.cfg` or another experiment, and adds its flags. Its header says where it goes:
 
     # row: the label in the table
-    # table: main | self_training | ablation | table5 | table3 | table4 | lr | diagnostic | second_benchmark
+    # table: main | self_training | ablation | image_labels | table5 | table3 | table4 | lr | diagnostic | second_benchmark
     # paper: the paper's number and table (or -)
     # reference: the experiment its delta is taken against (optional)
     # seeds: 1 (optional: an ablation row on the first seed only; it quotes the main rows' spread)
@@ -63,6 +63,7 @@ TABLES = (
     ("main", "Main rows"),
     ("self_training", "Self-training on each method"),
     ("ablation", "The unsupervised demo, each ingredient removed in turn"),
+    ("image_labels", "Target image-level labels without target labels"),
     ("table5", "Weak image-level labels (paper Table 5)"),
     ("table3", "Ablations (paper Table 3), PIT with ground-truth target class shares"),
     ("table4", "Number of units (paper Table 4), PIT with ground-truth target class shares"),

@@ -29,24 +29,24 @@ def from_ground_truth(label_paths, reader, num_classes):
     return np.stack([shares(reader(p), num_classes) for p in label_paths]).astype(np.float32)
 
 
-def load_json(path, keys, num_classes):
+def load_json(path, keys, num_classes, flag="image_labels"):
     """`[N, C]` labels for the images named by `keys` (paths relative to the target root), from a JSON file."""
     if not os.path.isfile(path):
-        raise UserError(f"--image_labels={path}: no such file (expected a JSON file or ground_truth).")
+        raise UserError(f"--{flag}={path}: no such file (expected a JSON file or ground_truth).")
     try:
         with open(path) as f:
             table = json.load(f)
     except (OSError, ValueError) as err:
-        raise UserError(f"--image_labels={path}: not a readable JSON file ({err}).") from None
+        raise UserError(f"--{flag}={path}: not a readable JSON file ({err}).") from None
     if not isinstance(table, dict):
-        raise UserError(f"--image_labels={path}: expected a JSON object mapping image paths to lists of floats.")
+        raise UserError(f"--{flag}={path}: expected a JSON object mapping image paths to lists of floats.")
     rows = []
     for key in keys:
         if key not in table:
-            raise UserError(f"--image_labels={path} has no entry for target image {key}.")
+            raise UserError(f"--{flag}={path} has no entry for target image {key}.")
         row = np.asarray(table[key], np.float32)
         if row.shape != (num_classes,) or not np.all(np.isfinite(row)) or np.any(row < 0):
-            raise UserError(f"--image_labels={path}: the entry for {key} is not {num_classes} non-negative numbers.")
+            raise UserError(f"--{flag}={path}: the entry for {key} is not {num_classes} non-negative numbers.")
         rows.append(row)
     return np.stack(rows)
 
