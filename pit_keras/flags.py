@@ -172,9 +172,17 @@ def define_image_labels_flags():
     flags.DEFINE_string("cache_dir", os.path.join("~", ".cache", "pit_keras", "features"),
                         "Where computed features are cached (.npz, keyed by images, extractor, weights, size).")
     flags.DEFINE_integer("seed", 0, "Seed of the regressor's training order.")
-    flags.DEFINE_enum("feature_alignment", "none", ["none", "standardize"],
-                      "Before the regressor: none (the paper), or standardize each domain's features with its "
-                      "own mean and variance (no target labels needed).")
+    flags.DEFINE_enum("feature_alignment", "none", ["none", "standardize", "whiten", "adabn", "adabn_standardize"],
+                      "Before the regressor: none (the paper); standardize or whiten (ZCA) each domain's features "
+                      "with its own mean and (co)variance; adabn: --features=backbone with its BatchNorm "
+                      "normalising each single-domain batch of 16 images with that batch's statistics; "
+                      "adabn_standardize: both. No target labels needed.")
+    flags.DEFINE_enum("feature_pooling", "global", ["global", "pyramid"],
+                      "For --features=backbone: average the final feature map globally, or also over each cell of "
+                      "a 2x2 grid (pyramid: 5x the dimensions).")
+    flags.DEFINE_enum("feature_stages", "last", ["last", "all"],
+                      "For --features=backbone: pool the final feature map, or also the output of each earlier "
+                      "stage of the backbone (all: the last layer at each output stride).")
 
 
 def parse_size(name, value):

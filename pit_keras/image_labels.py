@@ -7,6 +7,9 @@ One softmax layer on frozen Inception-ResNet-v2 features (ImageNet), trained on 
 then applied to the target training images. The JSON feeds `python -m pit_keras.train --image_labels=`. Where
 the target has labels, the chi-squared distance to their true shares is printed next to two priors (the source
 mean, uniform): an estimate no closer than the source-mean prior carries no information.
+
+With `--features=backbone` (a trained run's backbone), `--feature_alignment=adabn`, `--feature_pooling=pyramid`
+and `--feature_stages=all` choose other features of it (`pit_keras.regressor`, docs/method.md).
 """
 
 import os
@@ -31,6 +34,14 @@ def parse_config():
     if FLAGS.features in ("predictions", "soft_predictions") and FLAGS.feature_alignment != "none":
         raise UserError(f"--feature_alignment={FLAGS.feature_alignment} does not apply to --features=predictions "
                         "(no regressor is trained).")
+    if FLAGS.features != "backbone":
+        for flag, value, applies in (("feature_alignment", FLAGS.feature_alignment,
+                                      not FLAGS.feature_alignment.startswith("adabn")),
+                                     ("feature_pooling", FLAGS.feature_pooling, FLAGS.feature_pooling == "global"),
+                                     ("feature_stages", FLAGS.feature_stages, FLAGS.feature_stages == "last")):
+            if not applies:
+                raise UserError(f"--{flag}={value} needs --features=backbone (a trained run's backbone), not "
+                                f"--features={FLAGS.features}.")
     if FLAGS.features in ("backbone", "predictions", "soft_predictions"):
         if not FLAGS.model_dir:
             raise UserError(f"--features={FLAGS.features} needs --model_dir (a training run folder).")
@@ -46,7 +57,8 @@ def parse_config():
         "features": FLAGS.features, "features_weights": weights,
         "image_size": pit_flags.parse_size("image_size", FLAGS.image_size), "epochs": FLAGS.epochs,
         "model_dir": FLAGS.model_dir, "cache_dir": os.path.expanduser(FLAGS.cache_dir), "seed": FLAGS.seed,
-        "feature_alignment": FLAGS.feature_alignment,
+        "feature_alignment": FLAGS.feature_alignment, "feature_pooling": FLAGS.feature_pooling,
+        "feature_stages": FLAGS.feature_stages,
     }
 
 

@@ -1,7 +1,9 @@
 """The image-level regressor: chi-squared against scikit-learn, the paper's schedule, that one softmax layer
-learns soft shares, the feature cache, backbone features of a trained run, and the CLI on the tiny benchmark
-with a small keras.applications model and no weights."""
+learns soft shares, the feature cache, backbone features of a trained run (and their variants: AdaBN, pyramid
+and all-stage pooling, whitening), and the CLI on the tiny benchmark with a small keras.applications model and no
+weights."""
 
+import dataclasses
 import json
 import os
 import subprocess
@@ -195,3 +197,192 @@ def test_cli_with_predicted_shares_of_a_trained_run(tiny_benchmark, tmp_path):
                   f"--model_dir={run_dir}", f"--output={output}", "--feature_alignment=standardize")
     assert bad.returncode == 2 and "--feature_alignment=standardize does not apply" in bad.stderr
     assert "Traceback" not in bad.stderr
+
+
+# === Feature variants against the domain shift: whitening, AdaBN, pyramid and all-stage pooling ===
+
+
+def test_whitening_gives_identity_covariance_per_domain():
+    rng = np.random.default_rng(2)
+    rotations = [np.linalg.qr(rng.normal(size=(4, 4)))[0] for _ in range(2)]
+    source = rng.normal(size=(400, 4)) * [1.0, 2.0, 3.0, 4.0] @ rotations[0] + 3.0
+    target = rng.normal(size=(300, 4)) * [20.0, 5.0, 10.0, 15.0] @ rotations[1] - 1.0  # another mean, scale, rotation
+    for exact in (True, False):
+        shrinkage = 0.0 if exact else regressor.WHITEN_SHRINKAGE
+        for x in (source, target):
+            white = regressor.whiten(x, shrinkage=shrinkage)
+            covariance = np.cov(white, rowvar=False, bias=True)
+            np.testing.assert_allclose(white.mean(axis=0), 0.0, atol=1e-5)
+            values = np.linalg.eigvalsh(x.T @ x - len(x) * np.outer(x.mean(0), x.mean(0)))
+            # The shrinkage eps = s * l_max leaves l / (l + eps) in the direction of eigenvalue l.
+            worst = 1.0 / (1.0 + shrinkage * values.max() / values.min())
+            np.testing.assert_allclose(covariance, np.eye(4), atol=1e-5 if exact else 1.0 - worst + 1e-5)
+            # ZCA: the symmetric whitening matrix, the one that moves the features least.
+            matrix = np.linalg.lstsq(x - x.mean(axis=0), white, rcond=None)[0]
+            np.testing.assert_allclose(matrix, matrix.T, atol=1e-5)
+    aligned_source, aligned_target = regressor.align_features(source, target, "whiten")
+    np.testing.assert_allclose(np.cov(aligned_target, rowvar=False, bias=True), np.eye(4), atol=0.02)
+    np.testing.assert_allclose(np.cov(aligned_source, rowvar=False, bias=True), np.eye(4), atol=0.02)
+    # A direction without variance stays zero instead of being blown up.
+    flat = regressor.whiten(np.concatenate([source[:, :3], np.full((400, 1), 7.0)], axis=1), shrinkage=0.0)
+    np.testing.assert_allclose(flat[:, 3], 0.0, atol=1e-6)
+    np.testing.assert_allclose(np.cov(flat[:, :3], rowvar=False, bias=True), np.eye(3), atol=1e-5)
+
+
+@pytest.fixture(scope="module")
+def tiny_run(tmp_path_factory):
+    """A tiny run whose BatchNorm moving statistics are far from the batches' (so AdaBN makes a difference)."""
+    keras.utils.set_random_seed(3)
+    run_dir = tmp_path_factory.mktemp("tiny_run")
+    network = build_network("tiny", 19, num_units=0)
+    rng = np.random.default_rng(3)
+    for layer in network.get_layer("tiny").layers:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            layer.moving_mean.assign(rng.normal(size=layer.moving_mean.shape))
+            layer.moving_variance.assign(rng.uniform(0.2, 3.0, size=layer.moving_variance.shape))
+            layer.gamma.assign(rng.uniform(0.5, 1.5, size=layer.gamma.shape))
+            layer.beta.assign(rng.normal(scale=0.3, size=layer.beta.shape))
+    tf.train.Checkpoint(network=network).save(str(run_dir / "checkpoints" / "ckpt"))
+    (run_dir / "run.json").write_text(json.dumps({"backbone": "tiny", "num_classes": 19, "method": "source_only",
+                                                  "lse_r": [1], "target_size": [64, 32]}))
+    return run_dir, network
+
+
+def load_images(paths, size=(64, 32)):
+    return tf.stack([tf.image.resize(tf.cast(tf.io.decode_png(tf.io.read_file(p), 3), tf.float32), size[::-1])
+                     for p in paths])
+
+
+def batch_normalised_features(backbone, images):
+    """The tiny backbone by hand, every BatchNorm normalising with the batch's own mean and (biased) variance."""
+    x = images
+    for layer in backbone.layers[1:]:
+        if isinstance(layer, keras.layers.BatchNormalization):
+            mean, variance = tf.nn.moments(x, axes=[0, 1, 2])
+            x = (x - mean) / tf.sqrt(variance + layer.epsilon) * layer.gamma + layer.beta
+        else:
+            x = layer(x, training=False)
+    return tf.reduce_mean(x, axis=[1, 2]).numpy()
+
+
+def test_adabn_features_normalise_each_batch_with_its_own_moments(tiny_run, tiny_benchmark):
+    run_dir, network = tiny_run
+    backbone = network.get_layer("tiny")
+    paths = [i for i, _ in gta5.list_pairs(str(tiny_benchmark / "gta5"))]
+    adabn = regressor.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir),
+                                        feature_alignment="adabn")
+    running = regressor.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir))
+    assert adabn.batch_statistics and adabn.batch_size == regressor.ADABN_BATCH_SIZE == 16
+    stored = [v.numpy().copy() for v in adabn.model.variables]
+    files = adabn.key["checkpoint"]
+
+    features = regressor.compute_features(adabn, paths, (64, 32), progress=False)  # 6 images: one batch
+    images = load_images(paths)
+    np.testing.assert_allclose(features, batch_normalised_features(backbone, images), rtol=1e-4, atol=1e-5)
+    plain = regressor.compute_features(running, paths, (64, 32), progress=False)
+    np.testing.assert_allclose(plain, tf.reduce_mean(backbone(images, training=False), axis=[1, 2]), rtol=1e-4,
+                               atol=1e-5)
+    assert np.abs(features - plain).max() > 0.1
+    # No stored variable moved: not the extractor's moving statistics, not the checkpoint's files.
+    for before, variable in zip(stored, adabn.model.variables):
+        np.testing.assert_array_equal(variable.numpy(), before)
+    assert regressor.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir)).key["checkpoint"] == files
+
+    # Smaller batches: each image is normalised with the moments of its own (shuffled, evenly split) batch.
+    batches = regressor.adabn_batches(len(paths), 4)
+    assert sorted(len(b) for b in batches) == [3, 3] and sorted(np.concatenate(batches)) == list(range(6))
+    split = regressor.compute_features(dataclasses.replace(adabn, batch_size=4), paths, (64, 32), progress=False)
+    for batch in batches:
+        np.testing.assert_allclose(split[batch], batch_normalised_features(backbone, tf.gather(images, batch)),
+                                   rtol=1e-4, atol=1e-5)
+    assert np.abs(split - features).max() > 1e-3
+    with pytest.raises(ValueError, match="batches of 16"):
+        regressor.compute_features(adabn, paths, (64, 32), batch_size=8)
+
+
+def test_pyramid_and_all_stage_features_of_the_tiny_backbone(tiny_run, tiny_benchmark):
+    run_dir, network = tiny_run
+    backbone = network.get_layer("tiny")
+    assert regressor.stage_layers(backbone, "tiny") == ["stage1_refine_relu", "stage2_refine_relu"]
+    paths = [i for i, _ in gta5.list_pairs(str(tiny_benchmark / "gta5"))][:3]
+    extractor = regressor.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir),
+                                            pooling="pyramid", stages="all")
+    features = regressor.compute_features(extractor, paths, (64, 32), progress=False)
+    taps = keras.Model(backbone.input, [backbone.get_layer("stage1_refine_relu").output,
+                                        backbone.get_layer("stage2_refine_relu").output, backbone.output])
+    stage1, stage2, final = (m.numpy() for m in taps(load_images(paths), training=False))
+    assert final.shape[1:3] == (4, 8)  # 32 x 64 at output stride 8
+    cells = [final[:, :2, :4], final[:, :2, 4:], final[:, 2:, :4], final[:, 2:, 4:]]
+    expected = np.concatenate([stage1.mean((1, 2)), stage2.mean((1, 2)), final.mean((1, 2))]
+                              + [cell.mean((1, 2)) for cell in cells], axis=1)
+    assert features.shape == (3, 16 + 32 + 5 * 64)
+    np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
+
+    pyramid = regressor.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir), pooling="pyramid")
+    np.testing.assert_allclose(regressor.compute_features(pyramid, paths, (64, 32), progress=False),
+                               expected[:, 48:], rtol=1e-4, atol=1e-5)
+
+
+def test_feature_cache_keys_differ_between_feature_variants(tiny_run, tiny_benchmark):
+    run_dir, _ = tiny_run
+    paths = [i for i, _ in gta5.list_pairs(str(tiny_benchmark / "gta5"))]
+    variants = [("none", "global", "last"), ("adabn", "global", "last"), ("none", "pyramid", "last"),
+                ("none", "global", "all"), ("adabn", "pyramid", "all")]
+    keys = {regressor.cache_key(regressor.feature_extractor("backbone", None, (64, 32), str(run_dir), *v),
+                                paths, (64, 32)) for v in variants}
+    assert len(keys) == len(variants)
+    assert regressor.feature_extractor("backbone", None, (64, 32), str(run_dir), "adabn").key["batch_norm"] == "batch"
+    # Alignments that only transform the pooled features share the features they start from.
+    same = {regressor.cache_key(regressor.feature_extractor("backbone", None, (64, 32), str(run_dir), a),
+                                paths, (64, 32)) for a in ("none", "standardize", "whiten")}
+    assert len(same) == 1
+    assert regressor.cache_key(regressor.feature_extractor("backbone", None, (64, 32), str(run_dir), "adabn"),
+                               paths, (64, 32)) == regressor.cache_key(
+        regressor.feature_extractor("backbone", None, (64, 32), str(run_dir), "adabn_standardize"), paths, (64, 32))
+
+
+def test_feature_variants_are_refused_where_they_do_not_apply(tmp_path):
+    for kwargs, flag in (({"feature_alignment": "adabn"}, "--feature_alignment=adabn"),
+                         ({"pooling": "pyramid"}, "--feature_pooling=pyramid"),
+                         ({"stages": "all"}, "--feature_stages=all")):
+        with pytest.raises(UserError, match=f"^{flag} needs --features=backbone"):
+            regressor.feature_extractor("MobileNetV3Small", None, (64, 32), **kwargs)
+    with pytest.raises(ValueError, match="coral"):
+        regressor.alignment_steps("coral")
+
+    image = keras.Input((None, None, 3))
+    down = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="down")(image)
+    frozen = keras.layers.BatchNormalization(trainable=False, name="bn")(down)
+    with pytest.raises(UserError, match="--feature_alignment=adabn: the frozen backbone has no BatchNorm layer"):
+        regressor._backbone_feature_model(keras.Model(image, frozen), "frozen", (32, 32), "batch", "global", "last",
+                                          "adabn")
+    up = keras.layers.UpSampling2D(name="up")(keras.layers.Conv2D(4, 3, strides=2, padding="same")(down))
+    with pytest.raises(UserError, match="--feature_stages=all: the fcn backbone's resolution does not only fall"):
+        regressor.stage_layers(keras.Model(image, up), "fcn")
+    padded = keras.layers.ZeroPadding2D(1, name="pad")(down)  # a final map at no stride of the input
+    with pytest.raises(UserError, match="--feature_stages=all: the padded backbone's resolution"):
+        regressor.stage_layers(keras.Model(image, padded), "padded")
+
+    common = ("--source=synthetic", "--target=synthetic", f"--output={tmp_path / 'labels.json'}")
+    for args, message in (
+            (("--features=MobileNetV3Small", "--feature_alignment=adabn_standardize"),
+             "--feature_alignment=adabn_standardize needs --features=backbone"),
+            (("--features=MobileNetV3Small", "--feature_pooling=pyramid"),
+             "--feature_pooling=pyramid needs --features=backbone"),
+            (("--features=predictions", f"--model_dir={tmp_path}", "--feature_stages=all"),
+             "--feature_stages=all needs --features=backbone")):
+        bad = run_cli(*common, *args)
+        assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
+
+
+def test_cli_with_adabn_pyramid_features_of_all_stages(tiny_run, tiny_benchmark, tmp_path):
+    run_dir, _ = tiny_run
+    output = tmp_path / "labels.json"
+    result = run_cli("--source=gta5", f"--source_root={tiny_benchmark / 'gta5'}", "--target=cityscapes",
+                     f"--target_root={tiny_benchmark / 'cityscapes'}", "--features=backbone",
+                     f"--model_dir={run_dir}", "--image_size=64,32", "--epochs=2",
+                     "--feature_alignment=adabn_standardize", "--feature_pooling=pyramid", "--feature_stages=all",
+                     f"--cache_dir={tmp_path / 'cache'}", f"--output={output}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert result.stdout.count("computed and cached features (368 dimensions)") == 2
+    assert len(json.loads(output.read_text())) == 6 and "source-mean prior" in result.stdout

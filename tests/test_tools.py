@@ -203,14 +203,14 @@ def test_regressor_rows_get_their_own_labels(tmp_path):
     assert not any(a.startswith("--feature_alignment") for a in results_table.regressor_args("out", 1))
     # A row whose teacher labels are blended in from a prior gets the prior's labels as --image_labels_prior.
     (tmp_path / "experiments" / "demo_prior.cfg").write_text(
-        "# row: demo from a prior\n# table: ablation\n# image_labels_prior: regressor_adabn\n"
+        "# row: demo from a prior\n# table: ablation\n# image_labels_prior: regressor_adabn_pyramid\n"
         "--flagfile=flags/demo.cfg\n")
     prior_row = results_table.load_experiments(tmp_path / "experiments")["demo_prior"]
-    assert prior_row.label_kinds == ["regressor_adabn"]
-    prior = os.path.join("out", "image_labels_regressor_adabn", "seed_2", "image_labels.json")
+    assert prior_row.label_kinds == ["regressor_adabn_pyramid"]
+    prior = os.path.join("out", "image_labels_regressor_adabn_pyramid", "seed_2", "image_labels.json")
     args = results_table.train_args(prior_row, 2, "out")
     assert f"--image_labels_prior={prior}" in args and not any(a.startswith("--image_labels=") for a in args)
-    assert "--feature_alignment=adabn" in results_table.regressor_args("out", 2, "regressor_adabn")
+    assert "--feature_pooling=pyramid" in results_table.regressor_args("out", 2, "regressor_adabn_pyramid")
 
 
 @pytest.fixture(scope="module")

@@ -55,8 +55,9 @@ SOURCE_ONLY = "source_only"  # the experiment whose backbone the regressor reads
 LABELS = {
     "regressor": ((), "pooled backbone features"),
     "regressor_standardize": (("--feature_alignment=standardize",), "features standardized per domain"),
-    "regressor_adabn": (("--feature_alignment=adabn",), "each domain's features with its own BatchNorm statistics "
-                        "(AdaBN)"),
+    "regressor_adabn_pyramid": (("--feature_alignment=adabn_standardize", "--feature_pooling=pyramid"),
+                                "each domain's features with its own BatchNorm statistics (AdaBN), standardized "
+                                "per domain, pooled globally and over a 2x2 grid"),
 }
 # (table key, title); rows print in this order.
 TABLES = (
