@@ -1,8 +1,6 @@
 """pit_keras: Pivot Interaction Transfer (Lv et al., CVPR 2020) for cross-domain semantic segmentation."""
 
-import os
-
-# TensorFlow's C++ start-up chatter (CUDA probing, oneDNN notices) buries the output users need.
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "1")
+# TensorFlow's start-up chatter (CUDA probing, oneDNN notices) is hidden by each command (`console.configure`,
+# `--tf_logs` shows it), not here: importing the package leaves TensorFlow's logging as the environment sets it.
 
 __version__ = "0.1.0"

@@ -1,6 +1,6 @@
-"""Callbacks: everything a training step must not do (checkpoints, TensorBoard scalars and images, stopping at
-the step budget, on divergence or on a signal). Each reads the step from `optimizer.iterations`, so a resumed
-run continues its counters."""
+"""Callbacks: everything a training step must not do (progress, checkpoints, TensorBoard scalars and images,
+stopping at the step budget, on divergence or on a signal). Each reads the step from `optimizer.iterations`, so
+a resumed run continues its counters."""
 
 import json
 import os
@@ -11,13 +11,56 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pit_keras import atomic, self_training, visualize
+from pit_keras import atomic, console, self_training, visualize
 from pit_keras.errors import Diverged, Interrupted, UserError
 from pit_keras.models.network import interaction_weights
 
 
 def _step(model):
     return int(model.optimizer.iterations.numpy())
+
+
+class Progress(keras.callbacks.Callback):
+    """The training progress in steps (`console.ProgressLine`): `step 120/1500  3.40 steps/s  ETA 6m45s  loss
+    1.2345  seg_src 0.8123 ...`, the losses being Keras' running means since the last plain line. Replaces
+    Keras' progress bar (fit with `verbose=0`), whose "Epoch 1/15" counts `--log_every` blocks.
+
+    Args:
+        num_steps: the run's last step.
+        log_every: steps between plain lines.
+        interactive: redraw the line in between on a terminal (None: if stdout is one); False: plain lines only.
+    """
+
+    def __init__(self, num_steps, log_every, interactive=None, stream=None):
+        super().__init__()
+        self.num_steps = num_steps
+        self.log_every = log_every
+        self.interactive = interactive
+        self.stream = stream
+        self.line = None
+
+    def on_train_begin(self, logs=None):
+        self.line = console.ProgressLine(self.num_steps, "step", every=self.log_every, stream=self.stream,
+                                         interactive=self.interactive)
+
+    def on_train_batch_end(self, batch, logs=None):
+        logs = dict(logs or {})
+        ordered = {"loss": logs.pop("loss")} if "loss" in logs else {}
+        ordered.update(logs)
+        self.line.update(_step(self.model), ordered)
+
+    def on_train_end(self, logs=None):
+        if self.line is not None:
+            self.line.close()
+
+
+def write_scalar(log_dir, tag, value, step):
+    """Writes one TensorBoard scalar (e.g. the final `val/miou` at the last step) to the event folder."""
+    writer = tf.summary.create_file_writer(log_dir)
+    with writer.as_default(step=step):
+        tf.summary.scalar(tag, value)
+    writer.flush()
+    writer.close()
 
 
 class StopAtStep(keras.callbacks.Callback):
@@ -181,8 +224,8 @@ class Validation(keras.callbacks.Callback):
 
 class TensorBoardLogger(keras.callbacks.Callback):
     """TensorBoard scalars after every logged epoch (each loss term, learning rate, w^k) and, every
-    `image_every` steps, pictures of a fixed batch: inputs, labels, predictions and, for PIT, the K coarse
-    class-activation maps (the paper's Fig. 3).
+    `image_every` steps, at step 0 and at the last step, pictures of a fixed batch: inputs, labels, predictions
+    and, for PIT, the K coarse class-activation maps (the paper's Fig. 3).
 
     Args:
         log_dir: the event folder.
@@ -198,6 +241,7 @@ class TensorBoardLogger(keras.callbacks.Callback):
         self.sample = {k: v[:max_images] for k, v in sample.items()}
         self.class_set = class_set
         self.image_every = image_every
+        self.drawn_at = None  # the step of the last pictures
 
     def on_epoch_end(self, epoch, logs=None):
         step = _step(self.model)
@@ -217,10 +261,15 @@ class TensorBoardLogger(keras.callbacks.Callback):
     def on_train_batch_end(self, batch, logs=None):
         self._maybe_draw()
 
+    def on_train_end(self, logs=None):
+        # The last step's pictures, whatever --image_every (a run shorter than it would only have step 0's).
+        self._maybe_draw(force=True)
+
     def _maybe_draw(self, force=False):
         step = _step(self.model)
-        if not self.image_every or not (force or step % self.image_every == 0):
+        if not self.image_every or not (force or step % self.image_every == 0) or step == self.drawn_at:
             return
+        self.drawn_at = step
         with self.writer.as_default(step=step):
             self._draw("source", self.sample["source_image"], self.sample["source_label"])
             if "target_image" in self.sample:

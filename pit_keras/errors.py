@@ -1,6 +1,9 @@
 """User-facing errors: one clear sentence and a non-zero exit instead of a traceback."""
 
+import gc
 import sys
+import threading
+import traceback
 
 
 class UserError(Exception):
@@ -26,17 +29,74 @@ class Interrupted(UserError):
         self.exit_code = 128 + signum
 
 
+_background = []  # UserErrors raised where they cannot reach the main thread as themselves
+_background_lock = threading.Lock()
+
+
+def raise_in_background(error):
+    """Raises `error` (a UserError) from code TensorFlow runs for the main thread, e.g. inside an input
+    pipeline: there it reaches the main thread wrapped in a TensorFlow error, so it is also kept here, and
+    `run_main` reports it as itself."""
+    with _background_lock:
+        _background.append(error)
+    raise error
+
+
+def background_error():
+    """The first UserError passed to `raise_in_background`, or None."""
+    with _background_lock:
+        return _background[0] if _background else None
+
+
 def run_main(main):
-    """Runs an absl `main`, turning a `UserError` into `error: <sentence>` on stderr and its exit code."""
-    from absl import app, logging
+    """Runs an absl `main`, turning a `UserError` into `error: <sentence>` on stderr (on a line of its own) and
+    its exit code. Defines `--tf_logs` and sets up the console (`console.configure`) before `main` runs.
+
+    The exit happens outside the `except` block, once the exception and the frames it holds are released and
+    collected: an input pipeline still held by them would otherwise be torn down while Python finalizes, when a
+    `tf.py_function` call of its threads can no longer take the interpreter, and the process would hang.
+    """
+    from absl import app, flags, logging
+
+    from pit_keras import console
+    from pit_keras import flags as pit_flags
+
+    pit_flags.define_console_flags()
 
     def guarded(argv):
+        console.configure(tf_logs=flags.FLAGS.tf_logs)
         # TensorFlow logs routine INFO lines (checkpoint sharding, ...) through absl once app.run starts.
-        logging.set_verbosity(logging.WARNING)
+        logging.set_verbosity(logging.INFO if flags.FLAGS.tf_logs else logging.WARNING)
         try:
             return main(argv)
         except UserError as err:
-            print(f"{err.prefix}: {err}", file=sys.stderr)
-            sys.exit(err.exit_code)
+            failure = f"{err.prefix}: {err}", err.exit_code
+        except Exception:
+            # A UserError raised inside an input pipeline arrives wrapped in a TensorFlow error.
+            original = background_error()
+            if original is not None:
+                failure = f"{original.prefix}: {original}", original.exit_code
+            else:  # a bug: its traceback, exit code 1
+                console.end_line()
+                sys.stdout.flush()
+                traceback.print_exc()
+                failure = None, 1
+        except BaseException:
+            console.end_line()
+            raise
+        message, exit_code = failure
+        if message:
+            console.end_line()
+            sys.stdout.flush()
+            print(message, file=sys.stderr, flush=True)
+        _release_background()
+        gc.collect()
+        sys.exit(exit_code)
 
     app.run(guarded)
+
+
+def _release_background():
+    with _background_lock:
+        for error in _background:
+            error.__traceback__ = error.__context__ = error.__cause__ = None

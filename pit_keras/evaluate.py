@@ -5,10 +5,16 @@
         --classes=13
 
 --model_dir: the network is rebuilt from MODEL_DIR/run.json and its newest checkpoint; images are resized to
-the run's --target_size (or the flag, if given) and predictions upsampled to label resolution.
+the run's --target_size (or the flag, if given) and predictions upsampled to label resolution. The run's own
+--target and --target_root are the defaults.
+--target=folder: the labelled set ROOT/SPLIT (ROOT/val/images with ROOT/val/labels, or a Cityscapes root in
+ROOT/val; README: dataset layouts).
 --predictions_dir: 8-bit PNGs of train ids (--prediction_classes) at label resolution, laid out as
 PRED/CITY/NAME_leftImg8bit.png, or any one PRED/**/CITY_SSSSSS_FFFFFF*.png per image as cityscapesScripts
 accepts.
+
+--saved_model, --tflite: the results are written beside the export folder, never inside it:
+EXPORT_pit_int8_eval_val.json for --tflite=EXPORT/pit_int8.tflite.
 
 --classes=16 or 13 scores in SYNTHIA's 16 classes (19-class truth and predictions are mapped; terrain, truck
 and train become unlabelled); 13 reports mIoU* (without wall, fence and pole) as the headline.
@@ -40,63 +46,86 @@ def label_space(prediction_classes):
         raise UserError(f"--classes={num_classes}: {err}") from None
 
 
-def score_run():
-    """(result, space, default output) of the newest checkpoint of --model_dir."""
-    from pit_keras import checkpoints, evaluation, metrics
+def target_and_root(config=None):
+    """(target, root, benchmark seed) of the labelled set: the flags, or with a run's `config` the run's own
+    target and root where the flags do not name them (a given --target other than the run's needs its root)."""
+    seed = FLAGS.benchmark_seed
+    if config is not None and config.get("target"):
+        same = not FLAGS["target"].present or FLAGS.target == config["target"]
+        if same:
+            root = (pit_flags.dataset_root("target_root", FLAGS.target_root) if FLAGS["target_root"].present
+                    else config["target_root"])
+            return config["target"], root, seed if FLAGS["benchmark_seed"].present else config.get("benchmark_seed")
+    return FLAGS.target, pit_flags.dataset_root("target_root", FLAGS.target_root), seed
+
+
+def labelled_pairs(target, root, seed):
+    """(pairs, reader, images folder of a folder layout or None) of --split of the target."""
     from pit_keras.data import datasets
+
+    pairs, reader, _ = datasets.target_pairs(target, root, FLAGS.split, require_labels=True, benchmark_seed=seed)
+    image_dir = os.path.join(root, FLAGS.split, "images") if target == "folder" else None
+    return pairs, reader, image_dir if image_dir and os.path.isdir(image_dir) else None
+
+
+def score_run():
+    """(result, space, default output, target) of the newest checkpoint of --model_dir."""
+    from pit_keras import checkpoints, evaluation, metrics
     from pit_keras.models.network import build_network
 
     config = checkpoints.read_run_config(FLAGS.model_dir)
     space = label_space(config["num_classes"])
     size = (pit_flags.parse_size("target_size", FLAGS.target_size) if FLAGS["target_size"].present
             else tuple(config["target_size"]))
-    root = pit_flags.dataset_root("target_root", FLAGS.target_root)
-    pairs, reader, _ = datasets.target_pairs(FLAGS.target, root, FLAGS.split, require_labels=True)
+    target, root, seed = target_and_root(config)
+    pairs, reader, _ = labelled_pairs(target, root, seed)
     units = len(config["lse_r"]) if config["method"] == "pit" else 0
     network = build_network(config["backbone"], config["num_classes"], num_units=units)
     checkpoint = checkpoints.restore_network(network, FLAGS.model_dir, FLAGS.checkpoint)
     result = metrics.summarize(evaluation.network_confusion(network, pairs, reader, space, size),
                                space.class_set)
     result["checkpoint"] = os.path.basename(checkpoint)
-    return result, space, os.path.join(FLAGS.model_dir, f"eval_{FLAGS.split}.json")
+    return result, space, os.path.join(FLAGS.model_dir, f"eval_{FLAGS.split}.json"), target
 
 
 def score_predictions():
-    """(result, space, default output) of the PNGs in --predictions_dir."""
+    """(result, space, default output, target) of the PNGs in --predictions_dir."""
     if FLAGS["target_size"].present:
         raise UserError("--target_size applies to --model_dir only; saved predictions are scored at label size.")
     space = label_space(int(FLAGS.prediction_classes))
     from pit_keras import evaluation, metrics
-    from pit_keras.data import datasets
 
-    root = pit_flags.dataset_root("target_root", FLAGS.target_root)
-    pairs, reader, _ = datasets.target_pairs(FLAGS.target, root, FLAGS.split, require_labels=True)
-    paths = evaluation.find_predictions(pairs, FLAGS.predictions_dir)
+    target, root, seed = target_and_root()
+    pairs, reader, image_dir = labelled_pairs(target, root, seed)
+    paths = evaluation.find_predictions(pairs, FLAGS.predictions_dir, image_dir=image_dir)
     result = metrics.summarize(evaluation.predictions_confusion(pairs, reader, paths, space), space.class_set)
     predictions_dir = os.path.abspath(FLAGS.predictions_dir)
     result["predictions_dir"] = predictions_dir
     # Named after the folder, so the scores of two prediction folders side by side do not overwrite each other.
     output = f"{predictions_dir}_eval_{FLAGS.split}.json"
-    return result, space, output
+    return result, space, output, target
 
 
 def score_deployed(path):
-    """(result, space, default output) of an exported SavedModel or .tflite model."""
+    """(result, space, default output, target) of an exported SavedModel or .tflite model; the output is
+    beside its export folder, never inside it."""
     if FLAGS["target_size"].present:
         raise UserError("--target_size applies to --model_dir only; a deployed model resizes as it was exported.")
-    from pit_keras import evaluation, inference, metrics
-    from pit_keras.data import datasets
+    from pit_keras import evaluation
 
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file or folder.")
+    if FLAGS.output:
+        evaluation.check_output_outside_export(FLAGS.output, path)
+    target, root, seed = target_and_root()
+    pairs, reader, _ = labelled_pairs(target, root, seed)
+    from pit_keras import inference, metrics
+
     predictor = inference.load_predictor(path)
     space = label_space(predictor.class_set.num_classes)
-    root = pit_flags.dataset_root("target_root", FLAGS.target_root)
-    pairs, reader, _ = datasets.target_pairs(FLAGS.target, root, FLAGS.split, require_labels=True)
     result = metrics.summarize(evaluation.predictor_confusion(predictor, pairs, reader, space), space.class_set)
     result["model"] = os.path.abspath(path)
-    stem = os.path.abspath(path).rstrip(os.sep)
-    return result, space, f"{stem[:-len('.tflite')] if stem.endswith('.tflite') else stem}_eval_{FLAGS.split}.json"
+    return result, space, evaluation.deployed_output(path, FLAGS.split), target
 
 
 def main(argv):
@@ -111,17 +140,17 @@ def main(argv):
     from pit_keras import metrics
 
     if FLAGS.model_dir:
-        result, space, output = score_run()
+        result, space, output, target = score_run()
     elif FLAGS.predictions_dir:
-        result, space, output = score_predictions()
+        result, space, output, target = score_predictions()
     else:
-        result, space, output = score_deployed(FLAGS.saved_model or FLAGS.tflite)
-    result.update({"num_classes": space.num_classes, "target": FLAGS.target, "split": FLAGS.split})
+        result, space, output, target = score_deployed(FLAGS.saved_model or FLAGS.tflite)
+    result.update({"num_classes": space.num_classes, "target": target, "split": FLAGS.split})
     written = metrics.write_results(result, FLAGS.output or output)
     print(metrics.format_table(result))
     headline = "mIoU*" if space.num_classes == 13 else "mIoU"
     print(f"{headline} {metrics.select_miou(result, space.num_classes):.2f} ({space.num_classes} classes) over "
-          f"{result['num_images']} images of {FLAGS.target} {FLAGS.split} "
+          f"{result['num_images']} images of {target} {FLAGS.split} "
           f"({result.get('checkpoint') or result.get('model') or result['predictions_dir']}); written to "
           f"{', '.join(written)}")
 

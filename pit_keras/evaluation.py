@@ -15,6 +15,7 @@ from PIL import Image, UnidentifiedImageError
 
 from pit_keras import metrics
 from pit_keras.data import classes
+from pit_keras.data import folder as folder_layout
 from pit_keras.data.cityscapes import IMAGE_SUFFIX
 from pit_keras.errors import UserError
 
@@ -132,16 +133,23 @@ def evaluate(network, pairs, reader, class_set, input_size, progress=True):
     return metrics.summarize(network_confusion(network, pairs, reader, space, input_size, progress), class_set)
 
 
-def find_predictions(pairs, predictions_dir):
+def _starts_with_stem(name, stem):
+    # The stem ends at a separator: "frame_1" does not match frame_10.png.
+    return name.startswith(stem) and not name[len(stem):len(stem) + 1].isalnum()
+
+
+def find_predictions(pairs, predictions_dir, image_dir=None):
     """The saved prediction of every image, as cityscapesScripts finds them.
 
     For `ROOT/leftImg8bit/SPLIT/CITY/NAME_leftImg8bit.png` the prediction is `PRED/CITY/NAME_leftImg8bit.png`
     if that file exists; otherwise it is the one `.png` anywhere under PRED whose name starts with NAME
-    (`CITY_SSSSSS_FFFFFF`).
+    (`CITY_SSSSSS_FFFFFF`) followed by a non-alphanumeric character or nothing. For an image of a folder layout
+    (`image_dir/REL/NAME.jpg`) `PRED/REL/NAME.png` and `PRED/REL/NAME_labelTrainIds.png` are tried first.
 
     Args:
-        pairs: (image path, label path) pairs of a Cityscapes-layout split.
+        pairs: (image path, label path) pairs of a Cityscapes-layout split, or of a folder layout.
         predictions_dir: PRED.
+        image_dir: the images folder of a folder layout (`DIR/val/images`), None for the Cityscapes layout.
 
     Returns:
         One prediction path per pair, in order.
@@ -156,6 +164,9 @@ def find_predictions(pairs, predictions_dir):
     for image, _ in pairs:
         name = os.path.basename(image)
         mirror = os.path.join(predictions_dir, os.path.basename(os.path.dirname(image)), name)
+        if image_dir is not None:
+            mirrors = folder_layout.prediction_candidates(image, image_dir, predictions_dir)
+            mirror = next((path for path in mirrors if os.path.isfile(path)), mirrors[0])
         if os.path.isfile(mirror):
             found.append(mirror)
             continue
@@ -163,7 +174,7 @@ def find_predictions(pairs, predictions_dir):
             candidates = sorted(os.path.join(folder, f) for folder, _, files in os.walk(predictions_dir)
                                 for f in files if f.lower().endswith(".png"))
         stem = name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else os.path.splitext(name)[0]
-        matches = [path for path in candidates if os.path.basename(path).startswith(stem)]
+        matches = [path for path in candidates if _starts_with_stem(os.path.basename(path), stem)]
         if len(matches) > 1:
             raise UserError(f"{image} has {len(matches)} predictions under {predictions_dir} "
                             f"({', '.join(matches[:3])}{', ...' if len(matches) > 3 else ''}); keep one.")
@@ -258,3 +269,47 @@ def predictor_confusion(predictor, pairs, reader, space, progress=True):
         matrix.update(space.labels(label), space.predictions(prediction))
         _progress(index, len(pairs), progress)
     return matrix
+
+
+EXPORT_METADATA = "metadata.json"  # what marks an export folder (`python -m pit_keras.export --output_dir`)
+
+
+def export_folder(path):
+    """The export folder that `path` is or lies in (the nearest folder holding metadata.json, the path itself
+    or up to three folders above it: a SavedModel sits at OUTPUT/saved_model/pit/VERSION), or None."""
+    current = os.path.abspath(path)
+    if not os.path.isdir(current):
+        current = os.path.dirname(current)
+    for _ in range(4):
+        if os.path.isfile(os.path.join(current, EXPORT_METADATA)):
+            return current
+        parent = os.path.dirname(current)
+        if parent == current:
+            break
+        current = parent
+    return None
+
+
+def deployed_output(path, split):
+    """The default results JSON of a deployed model (`evaluate --saved_model/--tflite`), never inside its export
+    folder (which `export --overwrite` replaces and a server reads): beside the folder, named
+    EXPORT_REL_eval_SPLIT.json (REL: the model's path inside it, "_"-joined, without .tflite; nothing for the
+    folder itself). A model outside any export folder gets MODEL_eval_SPLIT.json beside it."""
+    path = os.path.abspath(path)
+    base = path[: -len(".tflite")] if path.endswith(".tflite") else path
+    export = export_folder(path)
+    if export is None:
+        return f"{base}_eval_{split}.json"
+    relative = os.path.relpath(base, export)
+    name = os.path.basename(export) + ("" if relative == os.curdir else "_" + relative.replace(os.sep, "_"))
+    return os.path.join(os.path.dirname(export), f"{name}_eval_{split}.json")
+
+
+def check_output_outside_export(output, model_path):
+    """Refuses a results path inside the export folder of the model scored (one sentence, naming --output)."""
+    export = export_folder(model_path)
+    if export is None:
+        return
+    if os.path.commonpath([os.path.realpath(output), os.path.realpath(export)]) == os.path.realpath(export):
+        raise UserError(f"--output={output} lies inside the export folder {export}, which export --overwrite "
+                        "replaces; write the results outside it (the default is beside it).")

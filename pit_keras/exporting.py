@@ -1,8 +1,10 @@
 """Export of a training run for deployment: a SavedModel in TF Serving's layout and `.tflite` models for LiteRT.
 
 Only the fine segmenter is exported (no coarse units, no w^k). The output folder is built under a temporary
-name beside the destination and renamed into place once complete, so an interrupted export never leaves a
-half model, and an existing export is replaced only after its successor is whole.
+name beside the destination and swapped into place once complete, so an interrupted export never leaves a
+half model, and an existing export is replaced only after its successor is whole. `--overwrite` replaces only
+an earlier export: a folder whose `metadata.json` is one this module wrote and that holds no file that
+metadata does not list (`check_output_dir`); any other non-empty folder is refused.
 
     OUTPUT/saved_model/pit/1/        serving_default: uint8 [batch, H, W, 3] of any size -> labels, probabilities
     OUTPUT/pit_float32.tflite        uint8 [1, H, W, 3] at a fixed size -> logits (float32 [1, H, W, C])
@@ -20,11 +22,14 @@ ARG_MAX. With mediapipe installed each model also carries MediaPipe's ImageSegme
 (`mediapipe_metadata`): normalisation, the class names as a labels file, softmax activation.
 """
 
+import ctypes
+import errno
+import json
 import os
 import shutil
 import tempfile
 
-from pit_keras import checkpoints, inference, mediapipe_metadata
+from pit_keras import atomic, console, inference, mediapipe_metadata
 from pit_keras.data import classes
 from pit_keras.errors import UserError
 
@@ -126,7 +131,8 @@ def convert_tflite(segmenter, input_size, variant, calibration=None):
                           saved_model)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
         configure_converter(converter, variant, calibration)
-        return converter.convert()
+        with console.quiet_stderr():  # the converter's own log lines
+            return converter.convert()
 
 
 def configure_converter(converter, variant, calibration):
@@ -221,12 +227,50 @@ def build_metadata(model_dir, config, checkpoint, saved_model, tflite_size, tfli
     }
 
 
+def _export_files(output_dir):
+    """The files `metadata.json` lists (relative paths) if `output_dir` holds an export this module wrote, or
+    None."""
+    try:
+        with open(os.path.join(output_dir, inference.METADATA_FILE)) as f:
+            metadata = json.load(f)
+    except (OSError, ValueError):
+        return None
+    if not isinstance(metadata, dict) or not isinstance(metadata.get("files"), dict) or not all(
+            key in metadata for key in ("class_set", "checkpoint", "training_run")):
+        return None
+    return set(metadata["files"])
+
+
 def check_output_dir(output_dir, overwrite):
-    """Refuses an existing output folder unless `overwrite`; checked before any work starts."""
-    if os.path.lexists(output_dir) and not overwrite:
-        raise UserError(f"--output_dir={output_dir} already exists; pass --overwrite to replace it.")
-    if os.path.lexists(output_dir) and not os.path.isdir(output_dir):
+    """Refuses an output folder the export must not replace; checked before any work starts and again just
+    before the new export is swapped in.
+
+    A missing or empty folder is taken. An earlier export (its `metadata.json`, and no file that metadata does
+    not list) is replaced only with `overwrite`. Anything else is refused, with `overwrite` or not: a file, a
+    symbolic link, a folder holding anything else (`--output_dir=$HOME --overwrite` leaves a home alone).
+    """
+    if not os.path.lexists(output_dir):
+        return
+    if os.path.islink(output_dir):
+        raise UserError(f"--output_dir={output_dir} is a symbolic link; give the folder itself.")
+    if not os.path.isdir(output_dir):
         raise UserError(f"--output_dir={output_dir} is a file, not an export folder.")
+    if not os.listdir(output_dir):
+        return
+    listed = _export_files(output_dir)
+    if listed is None:
+        raise UserError(f"--output_dir={output_dir} is a folder that holds no earlier export (no metadata.json "
+                        "written by export), so it is never replaced, --overwrite or not; choose a new or empty "
+                        "folder.")
+    for root, _, names in os.walk(output_dir):
+        for name in sorted(names):
+            relative = os.path.relpath(os.path.join(root, name), output_dir)
+            if relative != inference.METADATA_FILE and relative not in listed:
+                raise UserError(f"--output_dir={output_dir} holds an export and also {relative}, which that "
+                                "export did not write, so it is not replaced, --overwrite or not; move that file "
+                                "or choose another folder.")
+    if not overwrite:
+        raise UserError(f"--output_dir={output_dir} already exists; pass --overwrite to replace it.")
 
 
 def export(model_dir, output_dir, tflite_size=None, calibration_count=100, formats=FORMATS, overwrite=False,
@@ -287,7 +331,8 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
                 f"{', with MediaPipe metadata' if mediapipe else ''})")
         metadata = build_metadata(model_dir, config, checkpoint, SAVED_MODEL in formats, tflite_size, variants,
                                   len(calibration) if calibration else 0, file_sizes(staging), mediapipe=mediapipe)
-        checkpoints.write_json_atomic(os.path.join(staging, inference.METADATA_FILE), metadata)
+        atomic.write_json_atomic(os.path.join(staging, inference.METADATA_FILE), metadata)
+        check_output_dir(output_dir, overwrite)  # again: the folder may have changed while exporting
         replace_folder(staging, output_dir)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
@@ -295,15 +340,37 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
     return metadata
 
 
+def _exchange(a, b):
+    """Swaps two paths in one atomic step (Linux renameat2 with RENAME_EXCHANGE); False where the C library, the
+    kernel or the file system has no such call."""
+    try:
+        renameat2 = ctypes.CDLL(None, use_errno=True).renameat2
+    except (AttributeError, OSError):
+        return False
+    at_fdcwd, rename_exchange = -100, 2
+    renameat2.argtypes = [ctypes.c_int, ctypes.c_char_p, ctypes.c_int, ctypes.c_char_p, ctypes.c_uint]
+    if renameat2(at_fdcwd, os.fsencode(a), at_fdcwd, os.fsencode(b), rename_exchange) == 0:
+        return True
+    code = ctypes.get_errno()
+    if code in (errno.ENOSYS, errno.EINVAL, errno.ENOTSUP, errno.EOPNOTSUPP):
+        return False
+    raise OSError(code, os.strerror(code), b)
+
+
 def replace_folder(new, destination):
     """Moves the complete folder `new` to `destination`; an old `destination` is deleted only once `new` is in
     its place.
 
-    POSIX has no atomic swap of two folders, so the old one steps aside first (to `NEW-old`); should the second
-    rename fail it is put back. Only a kill between the two renames leaves the old export under that name.
+    On Linux the two folders are swapped in one atomic step, so `destination` holds the old export or the new
+    one whatever happens; the old one is then deleted under the temporary name. Elsewhere the old one steps
+    aside first (to `NEW-old`) and is put back should the second rename fail: only a kill between the two
+    renames leaves it under that name.
     """
     if not os.path.exists(destination):
         os.rename(new, destination)
+        return
+    if _exchange(new, destination):
+        shutil.rmtree(new)
         return
     old = f"{new}-old"
     os.rename(destination, old)

@@ -12,11 +12,23 @@ FLAGS = flags.FLAGS
 DEFAULT_BENCHMARK_ROOT = os.path.join("~", ".cache", "pit_keras", "benchmark")
 
 
+def define_console_flags():
+    """`--tf_logs`, which every command takes (`errors.run_main` defines it); idempotent."""
+    if "tf_logs" not in FLAGS:
+        from pit_keras import console
+
+        flags.DEFINE_boolean("tf_logs", False, console.TF_LOGS_HELP)
+
+
 def define_data_flags():
-    flags.DEFINE_enum("source", "gta5", ["gta5", "synthia", "synthetic"], "Source dataset (labelled).")
+    flags.DEFINE_enum("source", "gta5", ["gta5", "synthia", "synthetic", "folder"],
+                      "Source dataset (labelled); folder: your own, ROOT/images with ROOT/labels (README: "
+                      "dataset layouts).")
     flags.DEFINE_string("source_root", None, "Source dataset root (for synthetic: the benchmark folder, made on "
                         f"first use; default {DEFAULT_BENCHMARK_ROOT}).")
-    flags.DEFINE_enum("target", "cityscapes", ["cityscapes", "synthetic"], "Target dataset (unlabelled).")
+    flags.DEFINE_enum("target", "cityscapes", ["cityscapes", "synthetic", "folder"],
+                      "Target dataset (unlabelled); folder: every JPEG/PNG under --target_root (sub-folders "
+                      "included), an optional labelled val set in ROOT/val (README: dataset layouts).")
     flags.DEFINE_string("target_root", None, "Target dataset root (for synthetic: the benchmark folder).")
     flags.DEFINE_string("target_size", "1024,512", "Target images are resized to W,H.")
     flags.DEFINE_integer("benchmark_seed", None, "For synthetic data: the generator seed of the embedded "
@@ -36,6 +48,9 @@ def define_train_flags():
     define_model_flags()
     flags.DEFINE_string("model_dir", None, "Run folder: checkpoints, TensorBoard events, results.")
     flags.DEFINE_string("source_size", "1280,640", "Source images are resized to W,H.")
+    flags.DEFINE_string("label_map", None, "For --source=folder: a JSON object from the raw ids of the label PNGs "
+                        "to train ids, e.g. {\"7\": 0, \"8\": 1}; ids it does not list are ignored (255). "
+                        "Without it the label PNGs hold the 19 train ids.")
     flags.DEFINE_enum("method", "pit", ["pit", "source_only", "minent"], "Training method.")
     flags.DEFINE_boolean("lse_normalize", True, "Divide the LSE pooling by r (Pinheiro & Collobert's form, under "
                          "which r changes what a unit computes; --nolse_normalize: Eq. 1 as printed, where r only "
@@ -98,14 +113,17 @@ def define_train_flags():
     flags.DEFINE_float("weight_decay", 0.0, "Decoupled weight decay of the SGD optimizer.")
     flags.DEFINE_float("poly_power", 0.9, "Power of the polynomial learning-rate decay.")
     flags.DEFINE_integer("seed", 0, "Seed of initialisation and data order.")
-    flags.DEFINE_integer("log_every", 100, "Steps per logged epoch (progress bar, TensorBoard scalars).")
+    flags.DEFINE_integer("log_every", 100, "Steps between progress lines and TensorBoard scalars.")
     flags.DEFINE_integer("image_every", 1000, "Steps between TensorBoard images (0: never).")
     flags.DEFINE_integer("checkpoint_every", 1000, "Steps between checkpoints.")
     flags.DEFINE_integer("eval_every", 0, "Steps between evaluations on the target val split (0: only at the end); "
                          "the best checkpoint by val mIoU is kept in MODEL_DIR/best.")
     flags.DEFINE_integer("keep_checkpoints", 3, "How many of the newest checkpoints are kept.")
-    flags.DEFINE_boolean("evaluate", True, "Evaluate on the target val split after training (needs labels).")
-    flags.DEFINE_integer("verbose", 1, "Keras fit verbosity: 0 silent, 1 progress bar, 2 one line per epoch.")
+    flags.DEFINE_boolean("evaluate", True, "Evaluate on the target val split after training; a target without "
+                         "val labels (a --target=folder without ROOT/val) is said in one line and not evaluated.")
+    flags.DEFINE_integer("verbose", 1, "Training progress: 0 none, 1 a line of steps, rate, ETA and losses "
+                         "(redrawn on a terminal; one plain line per --log_every steps elsewhere), 2 plain "
+                         "lines only.")
     flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
                       "tf.distribute strategy: one device, all local GPUs (or --cpu_replicas CPUs), or the hosts "
                       "of TF_CONFIG.")
@@ -131,26 +149,33 @@ def define_train_flags():
 
 def define_eval_flags():
     define_data_flags()
-    flags.DEFINE_string("model_dir", None, "A training run folder (its newest checkpoint is evaluated).")
+    flags.DEFINE_string("model_dir", None, "A training run folder (its newest checkpoint is evaluated); its own "
+                        "--target and --target_root are the defaults.")
     flags.DEFINE_string("saved_model", None, "Score an exported SavedModel (a folder with saved_model.pb, or an "
-                        "export folder) as served: uint8 images at their own size.")
-    flags.DEFINE_string("tflite", None, "Score a .tflite model in LiteRT (images resized to its fixed input).")
+                        "export folder) as served: uint8 images at their own size. Results go beside the export "
+                        "folder, never inside it.")
+    flags.DEFINE_string("tflite", None, "Score a .tflite model in LiteRT (images resized to its fixed input). "
+                        "Results go beside the export folder, never inside it: EXPORT_pit_int8_eval_SPLIT.json for "
+                        "EXPORT/pit_int8.tflite.")
     flags.DEFINE_string("predictions_dir", None,
                         "Score saved predictions instead of a run: 8-bit train-id PNGs at label resolution, "
                         "PRED/CITY/NAME_leftImg8bit.png for ROOT/leftImg8bit/SPLIT/CITY/NAME_leftImg8bit.png, "
-                        "or the one PRED/**/CITY_SSSSSS_FFFFFF*.png.")
+                        "or the one PRED/**/CITY_SSSSSS_FFFFFF*.png; for --target=folder, PRED/REL/NAME.png or "
+                        "PRED/REL/NAME_labelTrainIds.png (predict's) for ROOT/SPLIT/images/REL/NAME.jpg.")
     flags.DEFINE_enum("prediction_classes", "19", ["19", "16"],
                       "Train ids the --predictions_dir PNGs are in: 19 Cityscapes or 16 SYNTHIA classes.")
     flags.DEFINE_enum("classes", None, ["19", "16", "13"],
                       "Classes to score: 19 (GTA5 -> Cityscapes), 16 or 13 (SYNTHIA -> Cityscapes: mIoU, "
                       "mIoU*). Default: the run's classes, or --prediction_classes.")
-    flags.DEFINE_string("split", "val", "Target split to evaluate.")
+    flags.DEFINE_string("split", "val", "Target split to evaluate (for --target=folder: the labelled set "
+                        "ROOT/SPLIT).")
     flags.DEFINE_enum("checkpoint", "last", ["last", "best"],
                       "With --model_dir: the newest checkpoint, or the best on target val (kept by --eval_every).")
     flags.DEFINE_string("output", None,
                         "Results JSON; SAME.csv (per-class IoU) and SAME_confusion.png are written beside it. "
-                        "Default MODEL_DIR/eval_SPLIT.json, or DIR/NAME_eval_SPLIT.json for "
-                        "--predictions_dir=DIR/NAME.")
+                        "Default MODEL_DIR/eval_SPLIT.json, DIR/NAME_eval_SPLIT.json for "
+                        "--predictions_dir=DIR/NAME, or beside the export folder for --saved_model/--tflite (a "
+                        "path inside it is refused).")
 
 
 def define_image_labels_flags():
@@ -221,8 +246,8 @@ def dataset_root(name, value):
 def define_export_flags():
     flags.DEFINE_string("model_dir", None, "A training run folder (its newest checkpoint is exported).")
     flags.DEFINE_string("output_dir", None, "The export folder to create (SavedModel, .tflite models, metadata).")
-    flags.DEFINE_boolean("overwrite", False, "Replace an existing --output_dir (only once the new export is "
-                         "complete).")
+    flags.DEFINE_boolean("overwrite", False, "Replace an earlier export in --output_dir, once the new one is "
+                         "complete; a folder holding anything else is never replaced.")
     flags.DEFINE_string("tflite_size", None, "Fixed W,H input of the .tflite models (default: the run's "
                         "--target_size).")
     flags.DEFINE_integer("calibration_images", 100, "Target training images that calibrate the full-int8 model.")
@@ -234,6 +259,7 @@ def define_export_flags():
 def define_predict_flags():
     flags.DEFINE_string("model", None, "A training run folder, a SavedModel (or an export folder) or a .tflite "
                         "file.")
-    flags.DEFINE_string("input", None, "An image, or a folder of images.")
-    flags.DEFINE_string("output_dir", None, "Where NAME_labelTrainIds.png and NAME_overlay.png are written.")
+    flags.DEFINE_string("input", None, "An image, a folder of images (its sub-folders included) or a video file.")
+    flags.DEFINE_string("output_dir", None, "Where NAME_labelTrainIds.png and NAME_overlay.png are written, in the "
+                        "sub-folders the images have in --input.")
     flags.DEFINE_float("overlay_alpha", 0.5, "Opacity of the class colours in the overlays.")

@@ -14,6 +14,7 @@ import re
 import numpy as np
 from PIL import Image
 
+from pit_keras import console
 from pit_keras.data import classes
 from pit_keras.errors import UserError
 
@@ -54,8 +55,13 @@ def read_image(path, max_megapixels=MAX_MEGAPIXELS):
         raise UserError(f"{path}: not a readable image ({err}).") from None
 
 
-def list_images(path):
-    """The image files to predict: `path` itself, or the images directly inside the folder `path`, sorted.
+def list_images(path, exclude=None):
+    """The image files to predict: `path` itself, or the images in the folder `path` and its sub-folders (the
+    Cityscapes layout: leftImg8bit/SPLIT/CITY/), sorted by their path; hidden files and folders are left out.
+
+    Args:
+        path: an image file or a folder.
+        exclude: a folder not to look into (the output folder, should it be inside `path`).
 
     Raises:
         UserError: if the path does not exist or the folder holds no image.
@@ -64,11 +70,37 @@ def list_images(path):
         return [path]
     if not os.path.isdir(path):
         raise UserError(f"--input={path}: no such file or folder.")
-    images = sorted(os.path.join(path, name) for name in os.listdir(path)
-                    if name.lower().endswith(IMAGE_EXTENSIONS) and os.path.isfile(os.path.join(path, name)))
+    exclude = os.path.realpath(exclude) if exclude else None
+    images = []
+    for root, folders, names in os.walk(path):
+        folders[:] = sorted(f for f in folders if not f.startswith(".")
+                            and os.path.realpath(os.path.join(root, f)) != exclude)
+        images += [os.path.join(root, name) for name in names
+                   if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
     if not images:
-        raise UserError(f"--input={path}: the folder holds no {'/'.join(IMAGE_EXTENSIONS)} images.")
-    return images
+        raise UserError(f"--input={path}: the folder holds no {'/'.join(IMAGE_EXTENSIONS)} images (sub-folders "
+                        "included).")
+    return sorted(images)
+
+
+def output_names(images, input_path):
+    """`{image: output stem}`: each image's path relative to `input_path` (a folder) without its extension, so
+    the outputs mirror its sub-folders; just the file name for a single image.
+
+    Raises:
+        UserError: if two images would write the same outputs (`a.png` and `a.jpg` in one folder).
+    """
+    if os.path.isfile(input_path):
+        return {image: os.path.splitext(os.path.basename(image))[0] for image in images}
+    stems, seen = {}, {}
+    for image in images:
+        stem = os.path.splitext(os.path.relpath(image, input_path))[0]
+        if stem in seen:
+            raise UserError(f"{seen[stem]} and {image} would write the same outputs ({stem}_labelTrainIds.png); "
+                            "rename one of them.")
+        seen[stem] = image
+        stems[image] = stem
+    return stems
 
 
 def checkpoint_step(checkpoint_path):
@@ -219,11 +251,13 @@ class TFLitePredictor(Predictor):
         super().__init__(class_set)
         resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
-            self.interpreter = Interpreter(model_path=path, num_threads=num_threads,
-                                           experimental_op_resolver_type=resolver)
+            with console.quiet_stderr():  # LiteRT's "Created TensorFlow Lite XNNPACK delegate" line
+                self.interpreter = Interpreter(model_path=path, num_threads=num_threads,
+                                               experimental_op_resolver_type=resolver)
+                self.interpreter.allocate_tensors()  # where LiteRT applies its default delegate
+                self.runner = self.interpreter.get_signature_runner()
         except ValueError as err:
             raise UserError(f"{path}: not a valid .tflite model ({err}).") from None
-        self.runner = self.interpreter.get_signature_runner()
         details = self.runner.get_input_details()["images"]
         self.input_height, self.input_width = (int(d) for d in details["shape"][1:3])
         self.input_dtype = details["dtype"]
@@ -289,38 +323,48 @@ def _class_set_of(path):
     return classes.CLASS_SETS[metadata["class_set"]]
 
 
-def predict_files(predictor, images, output_dir, alpha=0.5, progress=True):
+def predict_files(predictor, images, output_dir, alpha=0.5, progress=True, names=None):
     """Writes `NAME_labelTrainIds.png` (8-bit train ids) and `NAME_overlay.png` (palette colours over the
-    image) into `output_dir` for each image.
+    image) into `output_dir` for each image, going on past images that cannot be read.
 
     Args:
         predictor: a `Predictor`.
         images: image file paths (`list_images`).
         output_dir: created if missing.
         alpha: opacity of the colours in the overlay.
-        progress: show a progress bar for more than one image.
+        progress: show the count of images for more than one image (`console.ProgressLine`).
+        names: `{image: NAME}` (`output_names`; NAME may hold sub-folders, created as needed); default the file
+            name without its extension.
 
     Returns:
-        The paths written, two per image.
+        `(written, failed)`: the paths written, two per image, and `(image, reason)` for each image that could
+        not be read (named on a line of its own as it is met).
     """
-    from pit_keras import visualize
+    from pit_keras import atomic, visualize
 
     os.makedirs(output_dir, exist_ok=True)
-    bar = None
+    line = None
     if progress and len(images) > 1:
-        import keras
-        bar = keras.utils.Progbar(len(images), unit_name="image")
-    written = []
+        line = console.ProgressLine(len(images), "image", every=max(10, -(-len(images) // 10)))
+    written, failed = [], []
     for index, path in enumerate(images, start=1):
-        image = read_image(path)
-        labels = np.asarray(predictor(image)).astype(np.uint8)
-        name = os.path.splitext(os.path.basename(path))[0]
-        label_path = os.path.join(output_dir, f"{name}_labelTrainIds.png")
-        overlay_path = os.path.join(output_dir, f"{name}_overlay.png")
-        Image.fromarray(labels).save(label_path)
-        Image.fromarray(visualize.overlay(image, visualize.colorize(labels, predictor.class_set), alpha)).save(
-            overlay_path)
-        written += [label_path, overlay_path]
-        if bar is not None:
-            bar.update(index)
-    return written
+        try:
+            image = read_image(path)
+        except UserError as err:
+            failed.append((path, str(err)))
+            console.message(f"skipped {err}" if str(err).startswith(path) else f"skipped {path}: {err}")
+        else:
+            labels = np.asarray(predictor(image)).astype(np.uint8)
+            name = (names or {}).get(path) or os.path.splitext(os.path.basename(path))[0]
+            label_path = os.path.join(output_dir, f"{name}_labelTrainIds.png")
+            overlay_path = os.path.join(output_dir, f"{name}_overlay.png")
+            os.makedirs(os.path.dirname(label_path), exist_ok=True)
+            atomic.atomic_write(label_path, lambda tmp: Image.fromarray(labels).save(tmp, format="PNG"))
+            colours = visualize.overlay(image, visualize.colorize(labels, predictor.class_set), alpha)
+            atomic.atomic_write(overlay_path, lambda tmp: Image.fromarray(colours).save(tmp, format="PNG"))
+            written += [label_path, overlay_path]
+        if line is not None:
+            line.update(index)
+    if line is not None:
+        line.close()
+    return written, failed

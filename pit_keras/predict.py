@@ -4,10 +4,13 @@
     python -m pit_keras.predict --model=exports/demo/pit_int8.tflite --input=drive.mp4 --output_dir=out/
 
 --model is a training run folder, a SavedModel (a folder with saved_model.pb, or an export folder) or a
-.tflite file (run by LiteRT). --input is an image, a folder of images (an image sequence: frames in name
-order) or a video file (.mp4, .avi, .mov, .mkv, .webm, ...; read with OpenCV). For each image NAME it writes
-NAME_labelTrainIds.png (8-bit train ids, 255 for none) and NAME_overlay.png (the Cityscapes palette over the
-image), both at the image's size; for a video NAME it writes NAME_overlay.mp4. It prints the frames per second.
+.tflite file (run by LiteRT). --input is an image, a folder of images (its sub-folders included, e.g. the
+Cityscapes layout; an image sequence: frames in name order) or a video file (.mp4, .avi, .mov, .mkv, .webm,
+...; read with OpenCV). For each image NAME it writes NAME_labelTrainIds.png (8-bit train ids, 255 for none)
+and NAME_overlay.png (the Cityscapes palette over the image), both at the image's size, in the same sub-folder
+of --output_dir as the image's in --input; for a video NAME it writes NAME_overlay.mp4. It prints the frames
+per second. An image that cannot be read is named on a line of its own and the others are segmented; the
+command then ends with one sentence counting them and exit code 2.
 """
 
 import os
@@ -45,13 +48,23 @@ def main(argv):
               f"{frames / seconds:.1f} frames per second ({frames / model_seconds:.1f} in the model alone); "
               f"wrote {output}")
         return
-    images = inference.list_images(FLAGS.input)
+    images = inference.list_images(FLAGS.input, exclude=FLAGS.output_dir)
+    if os.path.isfile(FLAGS.input):
+        inference.read_image(FLAGS.input)  # one image: refused before the model loads, in its own words
+    names = inference.output_names(images, FLAGS.input)
     predictor = inference.load_predictor(FLAGS.model)
     start = time.perf_counter()
-    inference.predict_files(predictor, images, FLAGS.output_dir, alpha=FLAGS.overlay_alpha)
+    _, failed = inference.predict_files(predictor, images, FLAGS.output_dir, alpha=FLAGS.overlay_alpha,
+                                        names=names)
     seconds = time.perf_counter() - start
-    print(f"segmented {len(images)} image(s) with the {predictor.kind} model {FLAGS.model} at "
-          f"{len(images) / seconds:.1f} frames per second; wrote label and overlay PNGs to {FLAGS.output_dir}")
+    done = len(images) - len(failed)
+    if done:
+        print(f"segmented {done} image(s) with the {predictor.kind} model {FLAGS.model} at "
+              f"{done / seconds:.1f} frames per second; wrote label and overlay PNGs to {FLAGS.output_dir}")
+    if failed:
+        reason = failed[0][1]
+        raise UserError(f"{len(failed)} of {len(images)} image(s) could not be read and have no outputs (each is "
+                        f"named above), e.g. {reason.rstrip('.')}.")
 
 
 if __name__ == "__main__":

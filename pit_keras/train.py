@@ -49,11 +49,17 @@ def parse_config():
             raise UserError(f"--{name}={value}: must be a finite number, 0 or more.")
     if FLAGS.learning_rate == 0:
         raise UserError("--learning_rate=0: nothing would train; give a positive learning rate.")
+    if FLAGS.label_map and FLAGS.source != "folder":
+        raise UserError(f"--label_map applies to --source=folder only, not --source={FLAGS.source}.")
+    if FLAGS.target == "folder" and FLAGS.image_labels == "ground_truth":
+        raise UserError("--image_labels=ground_truth reads target training labels, which --target=folder does not "
+                        "have; use --image_labels=teacher (with --self_training) or a JSON file.")
     lse_r = pit_flags.parse_floats("lse_r", FLAGS.lse_r)
     if FLAGS.method == "pit" and (not lse_r or any(r <= 0 for r in lse_r)):
         raise UserError(f"--lse_r={','.join(FLAGS.lse_r)}: pit needs one or more positive values.")
     return {
         "source": FLAGS.source, "source_root": pit_flags.dataset_root("source_root", FLAGS.source_root),
+        "label_map": FLAGS.label_map and os.path.abspath(os.path.expanduser(FLAGS.label_map)),
         "target": FLAGS.target, "target_root": pit_flags.dataset_root("target_root", FLAGS.target_root),
         "source_size": pit_flags.parse_size("source_size", FLAGS.source_size),
         "target_size": pit_flags.parse_size("target_size", FLAGS.target_size),
@@ -81,10 +87,35 @@ def parse_config():
     }
 
 
+def check_folder_datasets(config, evaluate):
+    """Lists and checks `folder` datasets (`--source=folder`, `--target=folder`) and the label map before
+    TensorFlow is imported and anything is written, so a wrong root, a bad label map or missing labels fail in a
+    second with one sentence. A target folder without a labelled val set is said once here: the run trains and
+    is not evaluated."""
+    from pit_keras.data import datasets, folder
+
+    if config["source"] == "folder":
+        pairs, _ = datasets.source_pairs("folder", config["source_root"], label_map=config["label_map"])
+        print(f"source: {len(pairs)} labelled images in {config['source_root']}")
+    if config["target"] != "folder":
+        return
+    root = config["target_root"]
+    if config["method"] != "source_only" or config["self_training"]:
+        print(f"target: {len(datasets.target_pairs('folder', root, 'train')[0])} unlabelled images in {root}")
+    if evaluate:
+        try:
+            pairs, _, _ = datasets.target_pairs("folder", root, "val", require_labels=True,
+                                                num_classes=config["num_classes"])
+            print(f"target val: {len(pairs)} labelled images in {os.path.join(root, 'val')}")
+        except folder.NoLabelledSplit as err:
+            print(f"{err} The run will not be evaluated.")
+
+
 def main(argv):
     if len(argv) > 1:
         raise UserError(f"unexpected argument {argv[1]!r} (flags are written --name=value).")
     config = parse_config()
+    check_folder_datasets(config, FLAGS.evaluate or FLAGS.eval_every > 0)
     # TensorFlow is imported only once the flags are known to be good, so a typo fails in a second; the
     # strategy comes first, before anything initialises TensorFlow's devices.
     from pit_keras import distribute, training

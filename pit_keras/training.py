@@ -92,7 +92,8 @@ def load_domains(config, trainer):
     "target": (image paths, [N, C] labels) or None, "skipped": [(path, reason)]}`."""
     skipped = []
     source_pairs, source_reader = datasets.source_pairs(config["source"], config["source_root"],
-                                                           benchmark_seed=config.get("benchmark_seed"))
+                                                           benchmark_seed=config.get("benchmark_seed"),
+                                                           label_map=config.get("label_map"))
     source_pairs = checked(source_pairs, "source", skipped)
     domains = {"source": (source_pairs, source_reader), "target": None, "skipped": skipped}
     if trainer.uses_target:
@@ -180,12 +181,14 @@ def build_dataset(config, domains, batch_size, shard=None, skip_batches=0):
     pairs, reader = domains["source"]
     cache = config.get("cache_images", False)
     source = pipeline.source_dataset(pairs, reader, config["source_size"], batch_size, seed=config["seed"],
-                                     shard=shard, skip_batches=skip_batches, cache=cache)
+                                     shard=shard, skip_batches=skip_batches, cache=cache,
+                                     on_error=domains.get("on_skip"))
     target = None
     if domains["target"] is not None:
         paths, labels = domains["target"]
         target = pipeline.target_dataset(paths, labels, config["target_size"], batch_size, seed=config["seed"],
-                                         shard=shard, skip_batches=skip_batches, cache=cache)
+                                         shard=shard, skip_batches=skip_batches, cache=cache,
+                                         on_error=domains.get("on_skip"))
     return pipeline.training_dataset(source, target)
 
 
@@ -202,7 +205,7 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
         checkpoint_every: steps between checkpoints.
         keep_checkpoints: how many checkpoints are kept.
         evaluate: evaluate on the target val split at the end.
-        verbose: Keras progress output (0, 1 or 2).
+        verbose: progress output (`callbacks.Progress`): 0 none, 1 redrawn on a terminal, 2 plain lines.
         eval_every: steps between evaluations on the target val split (0: only at the end); the best
             checkpoint by val mIoU is kept beside the last ones.
 
@@ -240,6 +243,9 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
         print(f"resumed from {resumed} at step {step}")
     if chief and domains["skipped"]:
         write_skipped(model_dir, domains["skipped"])
+    # A file the input pipeline fails to decode (damaged past its header) is added to the same list.
+    domains["on_skip"] = integrity.SkippedFiles(os.path.join(model_dir, "skipped_files.txt") if chief else None,
+                                                domains["skipped"]).add
     # Workers other than the chief write their (identical) checkpoints to a scratch folder that is discarded.
     save_dir = model_dir if chief else tempfile.mkdtemp(prefix="pit_keras_worker_")
     manager = checkpoints.manager(network, trainer.optimizer, save_dir, max_to_keep=keep_checkpoints,
@@ -259,8 +265,11 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
                 sample = next(iter(build_dataset({**config, "cache_images": False}, domains, 2)))
                 run_callbacks.append(callbacks.TensorBoardLogger(os.path.join(model_dir, "logs"), sample, class_set,
                                                                  image_every))
+                if verbose:  # steps, not Keras' "Epoch 1/15"; verbose=2: plain lines only
+                    run_callbacks.append(callbacks.Progress(config["num_steps"], log_every,
+                                                            interactive=None if verbose == 1 else False))
             fit_args = dict(epochs=math.ceil(config["num_steps"] / log_every), initial_epoch=step // log_every,
-                            steps_per_epoch=log_every, verbose=verbose if chief else 0, callbacks=run_callbacks)
+                            steps_per_epoch=log_every, verbose=0, callbacks=run_callbacks)
             if distribute.is_multi_worker(strategy):
                 data = strategy.distribute_datasets_from_function(
                     lambda context: build_dataset(
@@ -299,6 +308,9 @@ def evaluate_run(config, network, model_dir, class_set, split="val"):
         print(f"best on target {split} during training: {result['best']['miou']:.2f} at step "
               f"{result['best']['step']} (MODEL_DIR/best; selected with target labels, as most peers do)")
     metrics.write_json(result, os.path.join(model_dir, f"eval_{split}.json"))
+    if result["checkpoint"]:  # TensorBoard: the final mIoU at the last step
+        callbacks.write_scalar(os.path.join(model_dir, "logs"), f"{split}/miou", result["miou"],
+                               int(result["checkpoint"].rsplit("-", 1)[1]))
     return result
 
 

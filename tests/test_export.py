@@ -188,6 +188,80 @@ def test_overwrite_replaces_the_export_once_complete(model_dir, tmp_path):
     assert os.listdir(tmp_path) == ["export"]
 
 
+def small_export(folder):
+    """A folder laid out as export writes it (a SavedModel file, a .tflite, metadata.json listing them)."""
+    from pit_keras import exporting
+
+    (folder / "saved_model" / "pit" / "1").mkdir(parents=True)
+    (folder / "saved_model" / "pit" / "1" / "saved_model.pb").write_bytes(b"pb")
+    (folder / "pit_float32.tflite").write_bytes(b"tflite")
+    metadata = {"class_set": "cityscapes19", "checkpoint": "ckpt-6", "training_run": {"model_dir": "runs/x"},
+                "files": exporting.file_sizes(folder)}
+    (folder / "metadata.json").write_text(json.dumps(metadata))
+    return folder
+
+
+def test_overwrite_never_replaces_a_folder_that_holds_no_export(tmp_path):
+    from pit_keras import exporting
+    from pit_keras.errors import UserError
+
+    home = tmp_path / "home"
+    (home / ".ssh").mkdir(parents=True)
+    (home / ".ssh" / "id_ed25519").write_text("key")
+    (home / "notes.txt").write_text("notes")
+    before = exporting.file_sizes(home)
+    with pytest.raises(UserError, match="holds no earlier export .*, so it is never replaced, --overwrite or not"):
+        exporting.export(str(tmp_path / "no_run"), home, formats=("float32",), overwrite=True)
+    assert exporting.file_sizes(home) == before and os.listdir(tmp_path) == ["home"]
+    (home / "metadata.json").write_text('{"name": "another tool"}')  # a metadata.json export did not write
+    with pytest.raises(UserError, match="holds no earlier export"):
+        exporting.check_output_dir(str(home), overwrite=True)
+    copy = small_export(tmp_path / "copy")
+    (copy / "saved_model" / "notes.txt").write_text("mine")  # beside the export's files
+    with pytest.raises(UserError, match="holds an export and also saved_model/notes.txt, which that export did "
+                                        "not write, so it is not replaced"):
+        exporting.check_output_dir(str(copy), overwrite=True)
+    (copy / "saved_model" / "notes.txt").unlink()
+    exporting.check_output_dir(str(copy), overwrite=True)  # the export alone is replaced
+    (tmp_path / "empty").mkdir()
+    exporting.check_output_dir(str(tmp_path / "empty"), overwrite=False)  # an empty folder is taken
+    with pytest.raises(UserError, match="is a file, not an export folder"):
+        exporting.check_output_dir(str(home / "notes.txt"), overwrite=True)
+    (tmp_path / "link").symlink_to(copy)
+    with pytest.raises(UserError, match="is a symbolic link"):
+        exporting.check_output_dir(str(tmp_path / "link"), overwrite=True)
+
+
+def test_export_cli_refuses_to_overwrite_a_home_folder_in_one_sentence(tmp_path):
+    home = tmp_path / "home"
+    home.mkdir()
+    (home / "notes.txt").write_text("notes")
+    # Refused before the run is read or TensorFlow is loaded.
+    result = run("export", f"--model_dir={tmp_path / 'no_run'}", f"--output_dir={home}", "--overwrite", timeout=60)
+    assert result.returncode == 2
+    assert result.stderr == (f"error: --output_dir={home} is a folder that holds no earlier export (no metadata.json "
+                             "written by export), so it is never replaced, --overwrite or not; choose a new or "
+                             "empty folder.\n")
+    assert os.listdir(home) == ["notes.txt"] and os.listdir(tmp_path) == ["home"]
+
+
+def test_the_new_export_is_swapped_in_whole_before_the_old_one_is_deleted(tmp_path, monkeypatch):
+    from pit_keras import exporting
+
+    old, new = tmp_path / "export", tmp_path / ".export.partial-1"
+    for folder, name in ((old, "old.tflite"), (new, "new.tflite")):
+        folder.mkdir()
+        (folder / name).write_text(name)
+        (folder / "metadata.json").write_text("{}")
+    # Interrupted while deleting the old export: the destination already holds the new one, whole.
+    monkeypatch.setattr(exporting.shutil, "rmtree", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
+    with pytest.raises(KeyboardInterrupt):
+        exporting.replace_folder(str(new), str(old))
+    assert sorted(os.listdir(old)) == ["metadata.json", "new.tflite"]
+    assert exporting._exchange(str(new), str(old))  # Linux swaps two folders in one step
+    assert sorted(os.listdir(new)) == ["metadata.json", "new.tflite"]
+
+
 def awkward_images(folder):
     """RGBA, greyscale, 16-bit greyscale and palette images of odd sizes."""
     rng = np.random.default_rng(0)

@@ -2,6 +2,7 @@
 data, a full disk. Each must cost at most the steps since the last checkpoint and explain itself."""
 
 import os
+import re
 import shutil
 import signal
 import subprocess
@@ -108,7 +109,9 @@ def test_divergence_names_step_and_term_and_keeps_the_last_good_checkpoint(tiny_
         assert np.all(np.isfinite(value)), name
 
 
-def test_damaged_source_files_are_skipped_with_a_count(tiny_benchmark, tmp_path):
+def damaged_source_run(tiny_benchmark, tmp_path):
+    """A 12-step run over a source with every kind of damaged file, progress on, evaluated at the end:
+    `(result, model_dir, root, images)`."""
     root = tmp_path / "gta5"
     shutil.copytree(tiny_benchmark / "gta5", root)
     images = sorted((root / "images").iterdir())
@@ -125,14 +128,64 @@ def test_damaged_source_files_are_skipped_with_a_count(tiny_benchmark, tmp_path)
     bench = tmp_path
     shutil.copytree(tiny_benchmark / "cityscapes", bench / "cityscapes")
     model_dir = tmp_path / "run"
-    result = run(train_command(bench, model_dir, "--num_steps=12", "--checkpoint_every=6"))
+    # Progress, TensorBoard pictures and the final evaluation on: the same run shows them (tests below).
+    result = run(train_command(bench, model_dir, "--num_steps=12", "--checkpoint_every=6", "--verbose=1",
+                               "--log_every=6", "--image_every=1000", "--evaluate=true"))
+    return result, model_dir, root, images
+
+
+@pytest.fixture(scope="module")
+def damaged_run(tiny_benchmark, tmp_path_factory):
+    return damaged_source_run(tiny_benchmark, tmp_path_factory.mktemp("damaged"))
+
+
+def test_damaged_source_files_are_skipped_with_a_count(damaged_run):
+    result, model_dir, root, images = damaged_run
     assert result.returncode == 0, result.stderr[-2000:]
     assert "skipped 3 of 6 source files" in result.stdout
     skipped = (model_dir / "skipped_files.txt").read_text()
     assert f"{root / 'labels' / images[0].name}: label is 32x16 but its image is 64x32" in skipped
     assert f"{images[1]}: the file is empty" in skipped
     assert f"{images[2]}: truncated PNG (no IEND chunk at its end)" in skipped
+    # The PNG damaged in its middle passes the start-up checks: the input pipeline names it and counts it.
+    damaged = f"{images[3]}: damaged PNG (the checksum of its IDAT chunk at byte 33 does not match)"
+    assert damaged in skipped and len(skipped.splitlines()) == 4
+    assert result.stdout.count(f"skipped {damaged}") == 1  # once, although the pipeline meets it every epoch
     assert "Traceback" not in result.stderr
+
+
+def tensorboard_events(log_dir):
+    """{tag: [(step, kind)]} of a run's event files."""
+    from tensorflow.core.util import event_pb2
+
+    found = {}
+    for path in sorted(log_dir.glob("events*")):
+        for record in tf.data.TFRecordDataset(str(path)):
+            event = event_pb2.Event.FromString(record.numpy())
+            for value in event.summary.value:
+                found.setdefault(value.tag, []).append(event.step)
+    return found
+
+
+def test_the_console_is_quiet_and_progress_counts_steps_in_plain_lines(damaged_run):
+    result = damaged_run[0]
+    # TensorFlow's start-up lines on this CPU-only machine (with TF_CPP_MIN_LOG_LEVEL=2 as in run()).
+    for noise in ("cuInit", "oneDNN", "cudart", "absl::InitializeLog", "local_rendezvous", "W0000", "I0000"):
+        assert noise not in result.stderr, result.stderr[-2000:]
+    assert not re.search(r"^[IWE]\d{4} ", result.stderr, re.M)  # no absl/glog-style line at all
+    # Output to a pipe: one plain line per --log_every steps, no escape codes, no redraws, no Keras epochs.
+    lines = [line for line in result.stdout.splitlines() if line.startswith("step ")]
+    assert [line[:10] for line in lines] == ["step  6/12", "step 12/12"]
+    assert "steps/s" in lines[0] and "ETA" in lines[0] and " loss " in lines[0] and "seg_src" in lines[0]
+    assert "\r" not in result.stdout and "\x1b" not in result.stdout and "Epoch" not in result.stdout
+
+
+def test_tensorboard_gets_the_last_steps_pictures_and_the_final_val_miou(damaged_run):
+    model_dir = damaged_run[1]
+    events = tensorboard_events(model_dir / "logs")
+    # --image_every=1000 on a 12-step run: step 0 and the last step.
+    assert sorted(set(events["source/prediction"])) == [0, 12]
+    assert events["val/miou"] == [12]
 
 
 def test_missing_or_empty_dataset_folders_are_named(tmp_path):
@@ -209,3 +262,170 @@ def test_numeric_flags_are_checked_before_anything_starts(tmp_path, flag):
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"--{flag.split('=')[0][2:]}=" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
+
+
+def test_every_file_failing_in_the_pipeline_stops_with_one_sentence(tiny_benchmark, tmp_path):
+    root = tmp_path / "gta5"
+    shutil.copytree(tiny_benchmark / "gta5", root)
+    for image in sorted((root / "images").iterdir()):
+        data = bytearray(image.read_bytes())
+        data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+        image.write_bytes(bytes(data))
+    shutil.copytree(tiny_benchmark / "cityscapes", tmp_path / "cityscapes")
+    # The timeout catches a hang at exit (input-pipeline threads torn down while Python finalizes).
+    result = run(train_command(tmp_path, tmp_path / "run", "--num_steps=12"), timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: no usable source images: all 6 failed when decoded, e.g. ")
+    assert "damaged PNG" in lines[0]
+    assert len((tmp_path / "run" / "skipped_files.txt").read_text().splitlines()) == 6
+
+
+def test_the_pipeline_names_a_damaged_file_once_and_trains_on_the_others(tiny_benchmark, tmp_path):
+    from pit_keras.data import gta5, pipeline
+
+    root = tmp_path / "gta5"
+    shutil.copytree(tiny_benchmark / "gta5", root)
+    bad = sorted((root / "images").iterdir())[2]
+    data = bytearray(bad.read_bytes())
+    data[len(data) // 2: len(data) // 2 + 64] = bytes(64)
+    bad.write_bytes(bytes(data))
+    label = sorted((root / "labels").iterdir())[4]
+    data = bytearray(label.read_bytes())
+    data[len(data) // 2] ^= 0xFF
+    label.write_bytes(bytes(data))
+    pairs = gta5.list_pairs(str(root))
+    for cache in (False, True):
+        reported = []
+        ds = pipeline.source_dataset(pairs, gta5.read_train_ids, (32, 16), 2, on_error=lambda p, r: reported.append(p),
+                                     cache=cache)
+        batches = list(ds.take(8))  # two epochs of the 4 good pairs
+        assert len(batches) == 8 and batches[0][0].shape == (2, 16, 32, 3)
+        assert sorted(reported) == sorted([str(bad), str(label)])
+
+
+def test_png_damage_is_found_by_the_chunk_checksums(tiny_benchmark):
+    from pit_keras.data import integrity
+
+    data = (tiny_benchmark / "gta5" / "images" / "00001.png").read_bytes()
+    assert integrity.png_damage(data) is None
+    assert integrity.png_damage(b"not a png") is None  # nothing to check: the decoder decides
+    flipped = bytearray(data)
+    flipped[len(data) // 2] ^= 1
+    assert "checksum of its IDAT chunk" in integrity.png_damage(bytes(flipped))
+    assert integrity.png_damage(data[:-12]) == "truncated PNG (no IEND chunk at its end)"
+    assert "runs past the end of the file" in integrity.png_damage(data[: len(data) // 2])
+
+
+def test_progress_redraws_only_on_a_terminal_and_messages_start_their_own_line():
+    import io
+
+    from pit_keras import console
+
+    plain = io.StringIO()
+    line = console.ProgressLine(10, "step", every=5, stream=plain, interactive=False)
+    for step in range(1, 11):
+        line.update(step, {"loss": 1.0 / step})
+    line.close()
+    assert plain.getvalue().splitlines()[0].startswith("step  5/10") and len(plain.getvalue().splitlines()) == 2
+    assert "\r" not in plain.getvalue()
+
+    terminal = io.StringIO()
+    line = console.ProgressLine(10, "step", every=5, stream=terminal, interactive=True, min_interval=0)
+    line.update(6, {"loss": 0.5})
+    assert terminal.getvalue().startswith("\rstep  6/10") and not terminal.getvalue().endswith("\n")
+    console.message("skipped x.png: damaged PNG", file=terminal)  # ends the progress line first
+    assert terminal.getvalue().endswith("loss 0.5000\nskipped x.png: damaged PNG\n")
+    line.update(10, {"loss": 0.25})
+    line.close()
+    assert terminal.getvalue().endswith("loss 0.2500\n")
+
+
+def test_the_progress_callback_replaces_keras_epochs(capsys):
+    model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
+    model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
+    data = tf.data.Dataset.from_tensors((tf.ones((2, 1)), tf.ones((2, 1)))).repeat()
+    model.fit(data, epochs=2, steps_per_epoch=2, verbose=0, shuffle=False,
+              callbacks=[callbacks.Progress(num_steps=4, log_every=2, interactive=False)])
+    lines = capsys.readouterr().out.splitlines()
+    assert re.fullmatch(r"step 2/4  [\d.]+ steps/s  ETA 0s  loss [\d.]+  mae [\d.]+", lines[0]), lines
+    assert re.fullmatch(r"step 4/4  [\d.]+ steps/s  loss [\d.]+  mae [\d.]+", lines[1]), lines
+
+
+def test_tf_logs_brings_back_what_is_hidden_by_default():
+    script = ("import sys; from pit_keras import console; console.configure(tf_logs='--tf_logs' in sys.argv); "
+              "import tensorflow")
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
+    shown = subprocess.run([sys.executable, "-c", script, "--tf_logs"], cwd=REPO, env=env, capture_output=True,
+                           text=True, timeout=120)
+    # The banner of the lines TensorFlow logs while it loads, before any logging setting applies.
+    assert shown.returncode == 0 and "absl::InitializeLog" in shown.stderr
+
+
+def test_quiet_stderr_drops_only_known_noise(capfd, monkeypatch):
+    from pit_keras import console
+
+    monkeypatch.setattr(console, "_quiet", True)
+    with console.quiet_stderr():
+        os.write(2, b"I0000 00:00:1796219023.328571   22820 port.cc:153] oneDNN custom operations are on.\n")
+        os.write(2, b"E0000 00:00:1796219397.769643   27233 cuda_platform.cc:52] failed call to cuInit: INTERNAL\n")
+        os.write(2, b"E0000 00:00:1796219397.769643   27233 op.cc:1] something that matters\n")
+    assert capfd.readouterr().err == "E0000 00:00:1796219397.769643   27233 op.cc:1] something that matters\n"
+
+
+def test_the_first_generation_of_the_benchmark_says_so_once(tmp_path, capsys):
+    from pit_keras.data import synthetic
+
+    params = dict(num_source=1, num_target_train=1, num_target_val=1, size=(16, 8))
+    synthetic.ensure(tmp_path / "bench", **params)
+    out = capsys.readouterr().out
+    assert out.startswith("generating the embedded benchmark: 3 images with their labels") and out.count("\n") == 1
+    assert str(tmp_path / "bench") in out
+    synthetic.ensure(tmp_path / "bench", **params)
+    assert capsys.readouterr().out == ""
+
+
+def untrained_run(model_dir):
+    """A run folder (run.json and a checkpoint) of an untrained tiny network, without training."""
+    from pit_keras.models.network import build_network
+
+    config = {"backbone": "tiny", "num_classes": 19, "lse_r": [1.0], "method": "pit", "class_set": "cityscapes19",
+              "target_size": [32, 16]}
+    checkpoints.check_or_write_run_config(str(model_dir), config)
+    network = build_network("tiny", 19, num_units=1)
+    checkpoints.manager(network, None, str(model_dir)).save(checkpoint_number=0)
+    return model_dir
+
+
+def test_predict_goes_on_past_bad_images_and_mirrors_sub_folders(tiny_benchmark, tmp_path):
+    model_dir = untrained_run(tmp_path / "run")
+    inputs = tmp_path / "in"
+    shutil.copytree(tiny_benchmark / "cityscapes" / "leftImg8bit", inputs)  # train/CITY/..., val/CITY/...
+    (inputs / "val" / "mockfurt" / "broken.png").write_bytes(b"not an image")
+    (inputs / "empty.jpg").write_bytes(b"")
+    output = inputs / "predictions"  # inside the input: never read back as input
+    result = run([sys.executable, "-m", "pit_keras.predict", f"--model={model_dir}", f"--input={inputs}",
+                  f"--output_dir={output}"], timeout=120)
+    assert result.returncode == 2, result.stderr[-2000:]
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith(
+        "error: 2 of 11 image(s) could not be read and have no outputs (each is named above), e.g. "
+        f"{inputs / 'empty.jpg'}: not a readable image")
+    assert f"skipped {inputs / 'val' / 'mockfurt' / 'broken.png'}: not a readable image" in result.stdout
+    assert "segmented 9 image(s)" in result.stdout
+    written = sorted(str(p.relative_to(output)) for p in output.rglob("*_labelTrainIds.png"))
+    source = tiny_benchmark / "cityscapes" / "leftImg8bit"
+    expected = sorted(str(p.relative_to(source).with_suffix("")) + "_labelTrainIds.png" for p in source.rglob("*.png"))
+    assert written == expected and any("/" in name for name in written)
+    for noise in ("cuInit", "oneDNN", "cudart", "absl::InitializeLog"):
+        assert noise not in result.stderr
+
+
+def test_two_images_that_would_write_the_same_outputs_are_refused(tmp_path):
+    from pit_keras import inference
+
+    for name in ("a.png", "a.jpg", "b.png"):
+        (tmp_path / name).write_bytes(b"")
+    images = inference.list_images(str(tmp_path))
+    with pytest.raises(UserError, match="a.jpg and .*a.png would write the same outputs \\(a_labelTrainIds.png\\)"):
+        inference.output_names(images, str(tmp_path))

@@ -32,6 +32,11 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pit_keras import console  # noqa: E402
+
+if __name__ == "__main__":
+    console.configure_from_argv()  # before the imports below load TensorFlow
+
 from pit_keras import checkpoints, exporting, inference, metrics  # noqa: E402
 from pit_keras.data import classes, datasets, synthetic  # noqa: E402
 from pit_keras.models.backbones import BACKBONES  # noqa: E402
@@ -163,6 +168,7 @@ def main():
     parser.add_argument("--threads", default="1,2", help="LiteRT interpreter thread counts, comma-separated.")
     parser.add_argument("--calibration_images", type=int, default=100, help="For the int8 export.")
     parser.add_argument("--max_images", type=int, default=0, help="Evaluate on the first N val images (0: all).")
+    parser.add_argument("--tf_logs", action="store_true", help=console.TF_LOGS_HELP)
     args = parser.parse_args()
     try:
         size = tuple(int(v) for v in args.size.split(","))

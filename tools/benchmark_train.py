@@ -56,7 +56,7 @@ import time
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pit_keras import atomic  # noqa: E402
+from pit_keras import atomic, console  # noqa: E402
 from pit_keras.flags import DEFAULT_BENCHMARK_ROOT  # noqa: E402
 
 RESULT_PREFIX = "BENCHMARK_CASE_RESULT "
@@ -715,6 +715,7 @@ def parse_args(argv=None):
     parser.add_argument("--output", help="Where the JSON goes.")
     parser.add_argument("--report", help="Print the report of an existing JSON (summary recomputed) and exit.")
     parser.add_argument("--run_case", help=argparse.SUPPRESS)
+    parser.add_argument("--tf_logs", action="store_true", help=console.TF_LOGS_HELP)
     args = parser.parse_args(argv)
     try:
         args.size = tuple(int(v) for v in args.size.split(","))
@@ -788,4 +789,5 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    console.configure_from_argv()
     sys.exit(main())

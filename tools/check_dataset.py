@@ -18,6 +18,7 @@ from PIL import Image
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from pit_keras import console  # noqa: E402
 from pit_keras.data import cityscapes, gta5, integrity  # noqa: E402
 from pit_keras.errors import UserError  # noqa: E402
 
@@ -81,7 +82,9 @@ def main():
     parser.add_argument("--root", required=True)
     parser.add_argument("--split", default="train", help="Cityscapes split")
     parser.add_argument("--limit", type=int, default=None, help="check only the first N pairs")
+    parser.add_argument("--tf_logs", action="store_true", help=console.TF_LOGS_HELP)
     args = parser.parse_args()
+    console.configure(tf_logs=args.tf_logs)  # SYNTHIA labels are read with TensorFlow
     try:
         summary, problems = check(args.dataset, os.path.expanduser(args.root), args.split, args.limit)
     except UserError as err:

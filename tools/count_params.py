@@ -10,8 +10,9 @@ import argparse
 import os
 import sys
 
-os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from pit_keras import console  # noqa: E402
 
 
 def count(weights):
@@ -19,6 +20,7 @@ def count(weights):
 
 
 def main():
+    console.configure_from_argv()
     import keras
 
     from pit_keras.models import backbones
@@ -29,6 +31,7 @@ def main():
     parser.add_argument("--num_units", type=int, default=3)
     parser.add_argument("--backbones", default=",".join(backbones.BACKBONES),
                         help="comma-separated registry names (default: all)")
+    parser.add_argument("--tf_logs", action="store_true", help=console.TF_LOGS_HELP)
     args = parser.parse_args()
     names = args.backbones.split(",")
     unknown = [n for n in names if n not in backbones.BACKBONES]

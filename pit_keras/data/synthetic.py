@@ -358,7 +358,7 @@ def generate(root, num_source=400, num_target_train=400, num_target_val=100, siz
 
 
 def ensure(root, **params) -> tuple[str, str]:
-    """Generate the benchmark under `root` unless an identical one is already there.
+    """Generate the benchmark under `root` unless an identical one is already there (saying so in one line).
 
     Args:
         root: benchmark folder.
@@ -382,6 +382,11 @@ def ensure(root, **params) -> tuple[str, str]:
             raise ValueError(f"{root} holds {what}, not a synthetic benchmark with {wanted}; "
                              "choose another folder or remove it yourself.")
         return paths
+    count = wanted["num_source"] + wanted["num_target_train"] + wanted["num_target_val"]
+    print(f"generating the embedded benchmark: {count} images with their labels ({wanted['num_source']} source, "
+          f"{wanted['num_target_train']} target train, {wanted['num_target_val']} target val, "
+          f"{wanted['size'][0]}x{wanted['size'][1]}) into {root}; this happens once, later runs reuse it",
+          flush=True)
     try:
         generate(root, **params)
     except OSError:
