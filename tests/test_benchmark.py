@@ -26,6 +26,7 @@ def run_tool(tmp_path, root, cases, *extra):
     return code, json.loads(output.read_text())
 
 
+@pytest.mark.slow  # two minutes of tool benchmarking; the self-training and memory cases below run by default
 def test_smoke_run_writes_every_section(tmp_path, tiny_benchmark, capsys):
     cases = ["reference", "pit", "pit_no_lc", "ablation", "pipeline"]
     code, data = run_tool(tmp_path, tiny_benchmark, cases, "--in_process")
