@@ -7,7 +7,8 @@ One experiment is one flagfile, `flags/experiments/NAME.cfg`, which includes `fl
 benchmark and schedule every row shares; PIT rows through `flags/base/benchmark_pit.cfg`), `flags/demo.cfg` or another experiment, and adds its flags. Its header says where it goes:
 
     # row: the label in the table
-    # table: main | self_training | ablation | image_labels | table5 | table3 | table4 | lr | diagnostic | second_benchmark
+    # table: main | self_training | ablation | image_labels | table5 | table3 | table4 | lse_printed | lr |
+    #     diagnostic | second_benchmark
     # paper: the paper's number and table (or -)
     # reference: the experiment its delta is taken against (optional)
     # seeds: 1 (optional: an ablation row on the first seed only; it quotes the main rows' spread)
@@ -55,9 +56,18 @@ SOURCE_ONLY = "source_only"  # the experiment whose backbone the regressor reads
 LABELS = {
     "regressor": ((), "pooled backbone features"),
     "regressor_standardize": (("--feature_alignment=standardize",), "features standardized per domain"),
+    "regressor_whiten": (("--feature_alignment=whiten",), "features whitened per domain"),
+    "regressor_adabn": (("--feature_alignment=adabn",),
+                        "each domain's features with its own BatchNorm statistics (AdaBN)"),
+    "regressor_adabn_standardize": (("--feature_alignment=adabn_standardize",),
+                                    "AdaBN features, standardized per domain"),
     "regressor_adabn_pyramid": (("--feature_alignment=adabn_standardize", "--feature_pooling=pyramid"),
                                 "each domain's features with its own BatchNorm statistics (AdaBN), standardized "
                                 "per domain, pooled globally and over a 2x2 grid"),
+    "regressor_adabn_pyramid_all": (("--feature_alignment=adabn_standardize", "--feature_pooling=pyramid",
+                                     "--feature_stages=all"),
+                                    "AdaBN, standardized per domain, pooled globally and over a 2x2 grid, from "
+                                    "every stage of the backbone"),
 }
 # (table key, title); rows print in this order.
 TABLES = (
@@ -68,6 +78,7 @@ TABLES = (
     ("table5", "Weak image-level labels (paper Table 5)"),
     ("table3", "Ablations (paper Table 3), PIT with ground-truth target class shares"),
     ("table4", "Number of units (paper Table 4), PIT with ground-truth target class shares"),
+    ("lse_printed", "Tables 3 and 4 with the LSE as printed (Eq. 1 without 1/r; diagnostic of the default)"),
     ("lr", "What L_r does: which branch it trains, and on what"),
     ("diagnostic", "Diagnostic rows (not in the paper)"),
     ("second_benchmark", "The same flags on a second benchmark (generator seed 1)"),
