@@ -27,7 +27,8 @@ def read_run_config(model_dir):
 # is what a run.json without the key was trained with (the defaults before the key was recorded).
 METHOD_KEYS = {"method": None, "lse_normalize": False, "image_loss_reduction": "sum",
                "interaction_lr_multiplier": 0.01, "head_lr_multiplier": 1.0, "image_label_kind": "shares",
-               "self_training": False, "image_labels_prior": None, "image_label_confidence": "none"}
+               "self_training": False, "image_labels_prior": None, "image_label_confidence": "none",
+               "st_class_portion": 0.0}
 
 
 def check_or_write_run_config(model_dir, config, write=True):

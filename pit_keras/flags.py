@@ -104,6 +104,10 @@ def define_train_flags():
     flags.DEFINE_integer("st_start", 0, "Source warm-up steps before self-training (and teacher image labels) "
                          "switch on.")
     flags.DEFINE_integer("st_ramp", 0, "Steps over which self-training then ramps to full weight.")
+    flags.DEFINE_float("st_class_portion", 0.0, "Above 0: class-balanced pseudo-labels (CBST): a target pixel "
+                       "counts when it passes --st_threshold or is among this portion of the most confident pixels "
+                       "of its predicted class in its image; the others are left out. 0: every pixel is weighted "
+                       "by its image's confident fraction (DACS).")
     flags.DEFINE_boolean("st_flip", False, "Average the teacher's prediction with the one on the mirrored "
                          "image.")
     flags.DEFINE_integer("batch_size", 4, "Global batch size per domain.")

@@ -12,6 +12,9 @@
 - **Pseudo-labels** are the teacher's argmax on target, weighted per image by the fraction of its pixels whose
   top probability passes `threshold` (DACS's confidence weight, per image so that it does not depend on how a
   batch is split over replicas).
+- **Class-balanced selection** (`class_portion` > 0, CBST): instead of the per-image weight, each pseudo-labelled
+  pixel counts (weight 1) when it passes `threshold` or is among the most confident `class_portion` of its
+  image's pixels of its class (`class_balanced_mask`), and the others are left out (weight 0).
 - **ClassMix.** Half of the classes of each source image (rounded up) are pasted onto its paired target image;
   the student learns the mixed image against the mixed label, source pixels with weight 1 and target pixels
   with the confidence weight. Which classes are pasted is drawn from a stateless random stream keyed by
@@ -123,6 +126,30 @@ def pseudo_labels(probabilities, threshold):
     labels = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
     weight = tf.reduce_mean(tf.cast(confidence >= threshold, tf.float32), axis=[1, 2])
     return labels, weight
+
+
+def class_balanced_mask(probabilities, threshold, portion):
+    """`[B, H, W]` bool: class-balanced pseudo-label selection (CBST, Zou et al., ECCV 2018), per image so that it
+    does not depend on how a batch is split over replicas. A pixel is kept when its top probability is at least
+    `threshold`, or when it is among the `ceil(portion * n_c)` most confident of the `n_c` pixels of its image that
+    the teacher gives its class c: every predicted class keeps at least that portion of its pixels, so a rare class
+    whose pixels are less confident is not left out of self-training as a single threshold leaves it."""
+    num_classes = probabilities.shape[-1]
+    confidence = tf.reduce_max(probabilities, axis=-1)
+    labels = tf.argmax(probabilities, axis=-1, output_type=tf.int32)
+    shape = tf.shape(labels)
+    flat_confidence = tf.reshape(confidence, [shape[0], -1])
+    flat_labels = tf.reshape(labels, [shape[0], -1])
+    # Pixels grouped by class, most confident first within a class (confidence is in [0, 1], classes 2 apart).
+    order = tf.argsort(2.0 * tf.cast(flat_labels, tf.float32) - flat_confidence, axis=1, stable=True)
+    sorted_labels = tf.gather(flat_labels, order, batch_dims=1)
+    counts = tf.reduce_sum(tf.one_hot(flat_labels, num_classes, dtype=tf.int32), axis=1)  # [B, C]
+    starts = tf.cumsum(counts, axis=1, exclusive=True)
+    quota = tf.cast(tf.math.ceil(portion * tf.cast(counts, tf.float32)), tf.int32)
+    rank = tf.range(tf.shape(flat_labels)[1])[None] - tf.gather(starts, sorted_labels, batch_dims=1)
+    selected_sorted = rank < tf.gather(quota, sorted_labels, batch_dims=1)
+    selected = tf.gather(selected_sorted, tf.argsort(order, axis=1), batch_dims=1)
+    return tf.logical_or(tf.reshape(selected, shape), confidence >= threshold)
 
 
 def class_shares(probabilities):

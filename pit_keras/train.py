@@ -33,7 +33,7 @@ def parse_config():
     if FLAGS.image_label_confidence == "agreement" and not FLAGS.image_labels_prior:
         raise UserError("--image_label_confidence=agreement needs --image_labels_prior (the estimate the teacher "
                         "is compared with).")
-    for name, low, high in (("st_ema", 0.0, 1.0), ("st_threshold", 0.0, 1.0)):
+    for name, low, high in (("st_ema", 0.0, 1.0), ("st_threshold", 0.0, 1.0), ("st_class_portion", 0.0, 1.0)):
         if not low <= FLAGS[name].value <= high:
             raise UserError(f"--{name}={FLAGS[name].value}: must be between {low} and {high}.")
     for name in ("st_start", "st_ramp"):
@@ -75,7 +75,7 @@ def parse_config():
         "image_label_kind": FLAGS.image_label_kind, "self_training": FLAGS.self_training,
         "lambda_st": FLAGS.lambda_st, "st_ema": FLAGS.st_ema, "st_threshold": FLAGS.st_threshold,
         "st_teacher_bn": FLAGS.st_teacher_bn, "st_classmix": FLAGS.st_classmix, "st_start": FLAGS.st_start,
-        "st_ramp": FLAGS.st_ramp, "st_flip": FLAGS.st_flip,
+        "st_ramp": FLAGS.st_ramp, "st_flip": FLAGS.st_flip, "st_class_portion": FLAGS.st_class_portion,
         "image_labels_prior": FLAGS.image_labels_prior and os.path.expanduser(FLAGS.image_labels_prior),
         "image_label_confidence": FLAGS.image_label_confidence,
         "batch_size": FLAGS.batch_size, "num_steps": FLAGS.num_steps, "learning_rate": FLAGS.learning_rate,

@@ -54,6 +54,9 @@ class SelfTraining:
         ramp: steps over which they then ramp from 0 to full weight.
         flip: average the teacher's prediction with the one on the mirrored image.
         seed: seed of the ClassMix class draws.
+        class_portion: 0 for DACS's per-image confidence weight; above 0, CBST's class-balanced pixel selection
+            keeping at least this portion of each predicted class's pixels in each image
+            (`self_training.class_balanced_mask`).
     """
 
     weight: float = 1.0
@@ -65,6 +68,7 @@ class SelfTraining:
     ramp: int = 0
     flip: bool = False
     seed: int = 0
+    class_portion: float = 0.0
 
 
 class PITTrainer(keras.Model):
@@ -288,7 +292,12 @@ class PITTrainer(keras.Model):
         pseudo, confidence = self_training.pseudo_labels(probabilities, config.threshold)
         target_image = batch["target_image"]
         size = tf.shape(target_image)[1:3]
-        weight = tf.broadcast_to(confidence[:, None, None], tf.shape(pseudo))
+        if config.class_portion > 0:
+            weight = tf.cast(self_training.class_balanced_mask(probabilities, config.threshold,
+                                                               config.class_portion), tf.float32)
+            confidence = tf.reduce_mean(weight, axis=[1, 2])
+        else:
+            weight = tf.broadcast_to(confidence[:, None, None], tf.shape(pseudo))
         if config.classmix:
             # ClassMix at the target's size: the source image and label are resized to it if they differ.
             source_image = tf.image.resize(tf.cast(batch["source_image"], tf.float32), size)

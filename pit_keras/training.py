@@ -44,7 +44,7 @@ def self_training_settings(config):
     return SelfTraining(weight=config["lambda_st"], ema=config["st_ema"], threshold=config["st_threshold"],
                         teacher_bn=config["st_teacher_bn"], classmix=config["st_classmix"],
                         start=config["st_start"], ramp=config["st_ramp"], flip=config["st_flip"],
-                        seed=config["seed"])
+                        seed=config["seed"], class_portion=config.get("st_class_portion", 0.0))
 
 
 def build_trainer(config, network):

@@ -58,6 +58,23 @@ def test_pseudo_labels_and_confidence_weight_match_numpy():
     assert 0 < expected.min() and expected.max() < 1  # the test data has both kinds of pixel
 
 
+def test_class_balanced_mask_keeps_each_classes_most_confident_portion():
+    rng = np.random.default_rng(3)
+    probabilities = rng.dirichlet(np.ones(C) * 0.3, size=(2, 10, 12)).astype(np.float32)
+    portion, threshold = 0.3, 0.9
+    got = self_training.class_balanced_mask(tf.constant(probabilities), threshold, portion).numpy()
+    confidence, labels = probabilities.max(-1), probabilities.argmax(-1)
+    expected = confidence >= threshold
+    for b in range(2):
+        for c in np.unique(labels[b]):
+            where = np.flatnonzero(labels[b].ravel() == c)
+            keep = where[np.argsort(-confidence[b].ravel()[where], kind="stable")][:int(np.ceil(portion * len(where)))]
+            expected[b].ravel()[keep] = True
+    np.testing.assert_array_equal(got, expected)
+    # Every predicted class keeps pixels, though few pass the threshold.
+    assert (confidence >= threshold).mean() < got.mean() < 1
+
+
 def test_weighted_cross_entropy_matches_numpy():
     rng = np.random.default_rng(2)
     logits = rng.normal(size=(2, 4, 5, C)).astype(np.float32)
@@ -128,6 +145,25 @@ def test_self_training_term_is_trained_and_ramped():
         trainer.optimizer.iterations.assign(step)
         scales.append(float(trainer._dynamic_scale("st_trg")))
     assert scales == [0.0, 0.0, 0.0, 0.5, 1.0]
+
+
+def test_class_balanced_selection_weighs_the_self_training_term():
+    network = small_network(units=1)
+    config = SelfTraining(threshold=0.9, classmix=False, class_portion=0.25)
+    trainer = PITTrainer(network, C, "source_only", self_training=config)
+    trainer.build_teacher()
+    rng = np.random.default_rng(4)
+    target = tf.constant(rng.uniform(0, 255, (2, 32, 32, 3)).astype(np.float32))
+    batch = {"source_image": target, "source_label": tf.zeros((2, 32, 32), tf.uint8), "target_image": target,
+             "target_image_labels": tf.zeros((2, C))}
+    terms = trainer.compute_terms(batch, training=False, step=0)
+    probabilities = self_training.teacher_probabilities(trainer.teacher, target)
+    mask = self_training.class_balanced_mask(probabilities, 0.9, 0.25)
+    expected = losses.weighted_pixel_cross_entropy(tf.argmax(probabilities, -1), network(target)["seg"],
+                                                   tf.cast(mask, tf.float32))
+    np.testing.assert_allclose(terms["st_trg"].numpy(), expected.numpy(), rtol=1e-5)
+    np.testing.assert_allclose(terms["st_confident"].numpy(), tf.reduce_mean(tf.cast(mask, tf.float32), [1, 2]))
+    assert 0 < float(tf.reduce_mean(tf.cast(mask, tf.float32))) < 1
 
 
 MIRRORED_ST = textwrap.dedent("""
