@@ -36,12 +36,12 @@ FLAGS = flags.FLAGS
 
 
 def label_space(prediction_classes):
-    """The `evaluation.LabelSpace` of --classes (default: the predictions' own classes)."""
-    from pit_keras import evaluation
+    """The `scoring.LabelSpace` of --classes (default: the predictions' own classes)."""
+    from pit_keras.evaluation import scoring
 
     num_classes = int(FLAGS.classes) if FLAGS.classes else prediction_classes
     try:
-        return evaluation.label_space(num_classes, prediction_classes)
+        return scoring.label_space(num_classes, prediction_classes)
     except ValueError as err:
         raise UserError(f"--classes={num_classes}: {err}") from None
 
@@ -70,7 +70,9 @@ def labelled_pairs(target, root, seed):
 
 def score_run():
     """(result, space, default output, target) of the newest checkpoint of --model_dir."""
-    from pit_keras import checkpoints, evaluation, metrics
+    from pit_keras.training import checkpoints
+    from pit_keras.evaluation import scoring
+    from pit_keras.evaluation import metrics
     from pit_keras.models.network import build_network
 
     config = checkpoints.read_run_config(FLAGS.model_dir)
@@ -82,7 +84,7 @@ def score_run():
     units = len(config["lse_r"]) if config["method"] == "pit" else 0
     network = build_network(config["backbone"], config["num_classes"], num_units=units)
     checkpoint = checkpoints.restore_network(network, FLAGS.model_dir, FLAGS.checkpoint)
-    result = metrics.summarize(evaluation.network_confusion(network, pairs, reader, space, size),
+    result = metrics.summarize(scoring.network_confusion(network, pairs, reader, space, size),
                                space.class_set)
     result["checkpoint"] = os.path.basename(checkpoint)
     return result, space, os.path.join(FLAGS.model_dir, f"eval_{FLAGS.split}.json"), target
@@ -93,12 +95,13 @@ def score_predictions():
     if FLAGS["target_size"].present:
         raise UserError("--target_size applies to --model_dir only; saved predictions are scored at label size.")
     space = label_space(int(FLAGS.prediction_classes))
-    from pit_keras import evaluation, metrics
+    from pit_keras.evaluation import scoring
+    from pit_keras.evaluation import metrics
 
     target, root, seed = target_and_root()
     pairs, reader, image_dir = labelled_pairs(target, root, seed)
-    paths = evaluation.find_predictions(pairs, FLAGS.predictions_dir, image_dir=image_dir)
-    result = metrics.summarize(evaluation.predictions_confusion(pairs, reader, paths, space), space.class_set)
+    paths = scoring.find_predictions(pairs, FLAGS.predictions_dir, image_dir=image_dir)
+    result = metrics.summarize(scoring.predictions_confusion(pairs, reader, paths, space), space.class_set)
     predictions_dir = os.path.abspath(FLAGS.predictions_dir)
     result["predictions_dir"] = predictions_dir
     # Named after the folder, so the scores of two prediction folders side by side do not overwrite each other.
@@ -111,21 +114,22 @@ def score_deployed(path):
     beside its export folder, never inside it."""
     if FLAGS["target_size"].present:
         raise UserError("--target_size applies to --model_dir only; a deployed model resizes as it was exported.")
-    from pit_keras import evaluation
+    from pit_keras.evaluation import scoring
 
     if not os.path.exists(path):
         raise UserError(f"{path}: no such file or folder.")
     if FLAGS.output:
-        evaluation.check_output_outside_export(FLAGS.output, path)
+        scoring.check_output_outside_export(FLAGS.output, path)
     target, root, seed = target_and_root()
     pairs, reader, _ = labelled_pairs(target, root, seed)
-    from pit_keras import inference, metrics
+    from pit_keras.deploy import predictors
+    from pit_keras.evaluation import metrics
 
-    predictor = inference.load_predictor(path)
+    predictor = predictors.load_predictor(path)
     space = label_space(predictor.class_set.num_classes)
-    result = metrics.summarize(evaluation.predictor_confusion(predictor, pairs, reader, space), space.class_set)
+    result = metrics.summarize(scoring.predictor_confusion(predictor, pairs, reader, space), space.class_set)
     result["model"] = os.path.abspath(path)
-    return result, space, evaluation.deployed_output(path, FLAGS.split), target
+    return result, space, scoring.deployed_output(path, FLAGS.split), target
 
 
 def main(argv):
@@ -137,7 +141,7 @@ def main(argv):
                         "or --predictions_dir (saved PNGs).")
     if not FLAGS.predictions_dir and FLAGS["prediction_classes"].present:
         raise UserError("--prediction_classes applies to --predictions_dir only; a model predicts its own classes.")
-    from pit_keras import metrics
+    from pit_keras.evaluation import metrics
 
     if FLAGS.model_dir:
         result, space, output, target = score_run()

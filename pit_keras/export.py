@@ -27,7 +27,7 @@ def main(argv):
         raise UserError(f"--calibration_images={FLAGS.calibration_images}: must be positive.")
     tflite_size = pit_flags.parse_size("tflite_size", FLAGS.tflite_size) if FLAGS.tflite_size else None
     # TensorFlow is imported only once the flags are known to be good, so a typo fails in a second.
-    from pit_keras import exporting
+    from pit_keras.deploy import exporting
 
     exporting.check_output_dir(FLAGS.output_dir, FLAGS.overwrite)
     formats = FLAGS.formats

@@ -9,7 +9,7 @@ the target has labels, the chi-squared distance to their true shares is printed 
 mean, uniform): an estimate no closer than the source-mean prior carries no information.
 
 With `--features=backbone` (a trained run's backbone), `--feature_alignment=adabn`, `--feature_pooling=pyramid`
-and `--feature_stages=all` choose other features of it (`pit_keras.regressor`, docs/method.md).
+and `--feature_stages=all` choose other features of it (`pit_keras.adaptation.regressor`, docs/method.md).
 """
 
 import os
@@ -68,8 +68,8 @@ def main(argv):
     config = parse_config()
     output = os.path.expanduser(FLAGS.output)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    from pit_keras import regressor
-    from pit_keras.data import soft_labels
+    from pit_keras.adaptation import regressor
+    from pit_keras.adaptation import soft_labels
 
     result = regressor.estimate_target_labels(**config)
     soft_labels.write_json(output, result["keys"], result["labels"])

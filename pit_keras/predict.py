@@ -19,7 +19,8 @@ import time
 from absl import flags
 
 from pit_keras import flags as pit_flags
-from pit_keras import inference, video
+from pit_keras.deploy import predictors
+from pit_keras.deploy import video
 from pit_keras.errors import UserError, run_main
 
 pit_flags.define_predict_flags()
@@ -39,7 +40,7 @@ def main(argv):
     if video.is_video(FLAGS.input):
         # Checked before the model loads, so an unreadable video fails in a second.
         video.open_video(FLAGS.input)[0].release()
-        predictor = inference.load_predictor(FLAGS.model)
+        predictor = predictors.load_predictor(FLAGS.model)
         output, frames, model_seconds, seconds = video.predict_video(predictor, FLAGS.input, FLAGS.output_dir,
                                                                     alpha=FLAGS.overlay_alpha)
         if not frames:
@@ -48,13 +49,13 @@ def main(argv):
               f"{frames / seconds:.1f} frames per second ({frames / model_seconds:.1f} in the model alone); "
               f"wrote {output}")
         return
-    images = inference.list_images(FLAGS.input, exclude=FLAGS.output_dir)
+    images = predictors.list_images(FLAGS.input, exclude=FLAGS.output_dir)
     if os.path.isfile(FLAGS.input):
-        inference.read_image(FLAGS.input)  # one image: refused before the model loads, in its own words
-    names = inference.output_names(images, FLAGS.input)
-    predictor = inference.load_predictor(FLAGS.model)
+        predictors.read_image(FLAGS.input)  # one image: refused before the model loads, in its own words
+    names = predictors.output_names(images, FLAGS.input)
+    predictor = predictors.load_predictor(FLAGS.model)
     start = time.perf_counter()
-    _, failed = inference.predict_files(predictor, images, FLAGS.output_dir, alpha=FLAGS.overlay_alpha,
+    _, failed = predictors.predict_files(predictor, images, FLAGS.output_dir, alpha=FLAGS.overlay_alpha,
                                         names=names)
     seconds = time.perf_counter() - start
     done = len(images) - len(failed)

@@ -118,9 +118,10 @@ def main(argv):
     check_folder_datasets(config, FLAGS.evaluate or FLAGS.eval_every > 0)
     # TensorFlow is imported only once the flags are known to be good, so a typo fails in a second; the
     # strategy comes first, before anything initialises TensorFlow's devices.
-    from pit_keras import distribute, training
+    from pit_keras.training import distribute
+    from pit_keras.training import runner
     strategy = distribute.make_strategy(FLAGS.strategy, FLAGS.cpu_replicas)
-    training.run(config, FLAGS.model_dir, strategy=strategy, log_every=FLAGS.log_every,
+    runner.run(config, FLAGS.model_dir, strategy=strategy, log_every=FLAGS.log_every,
                  image_every=FLAGS.image_every, checkpoint_every=FLAGS.checkpoint_every,
                  keep_checkpoints=FLAGS.keep_checkpoints, evaluate=FLAGS.evaluate, verbose=FLAGS.verbose,
                  eval_every=FLAGS.eval_every)

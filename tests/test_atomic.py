@@ -15,8 +15,9 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from pit_keras import atomic, metrics
-from pit_keras.data import soft_labels
+from pit_keras import atomic
+from pit_keras.evaluation import metrics
+from pit_keras.adaptation import soft_labels
 
 
 def load_tool(name):
@@ -157,7 +158,7 @@ def test_write_json_atomic_writes_what_checkpoints_always_wrote(tmp_path):
 
 
 def test_checkpoints_still_exports_write_json_atomic():
-    from pit_keras import checkpoints
+    from pit_keras.training import checkpoints
 
     assert checkpoints.write_json_atomic is atomic.write_json_atomic
 

@@ -193,7 +193,7 @@ def tflite_ops(flatbuffer):
 
 
 def test_aspp_matmul_implementation_converts_to_builtin_tflite_ops():
-    from pit_keras import exporting
+    from pit_keras.deploy import exporting
 
     image = keras.Input((None, None, 3))
     model = keras.Model(image, heads.ASPPClassifier(3)(keras.layers.Conv2D(4, 3, strides=4)(image)))
@@ -208,7 +208,8 @@ def test_aspp_matmul_implementation_converts_to_builtin_tflite_ops():
 
 def test_export_holds_aspp_heads_as_dilated_convolutions(monkeypatch, tmp_path):
     # The matrix-product form would quantize its 33 taps with one int8 scale, with float ops between int8 ones.
-    from pit_keras import exporting, inference
+    from pit_keras.deploy import exporting
+    from pit_keras.deploy import predictors
 
     monkeypatch.setitem(backbones.BACKBONES, "tiny_aspp",
                         dataclasses.replace(backbones.BACKBONES["tiny"], name="tiny_aspp", head="aspp"))
@@ -218,11 +219,11 @@ def test_export_holds_aspp_heads_as_dilated_convolutions(monkeypatch, tmp_path):
     (run / "run.json").write_text(json.dumps({"backbone": "tiny_aspp", "num_classes": 3, "method": "source_only",
                                               "lse_r": [1.0], "target_size": [64, 32],
                                               "class_set": "cityscapes19"}))
-    segmenter, _, _ = inference.load_segmenter(str(run), aspp_implementation="conv")
+    segmenter, _, _ = predictors.load_segmenter(str(run), aspp_implementation="conv")
     assert segmenter.get_layer("fine_head").implementation == "conv"
     seen = {}
-    real = inference.load_segmenter
-    monkeypatch.setattr(inference, "load_segmenter",
+    real = predictors.load_segmenter
+    monkeypatch.setattr(predictors, "load_segmenter",
                         lambda model_dir, **kwargs: seen.update(kwargs) or real(model_dir, **kwargs))
     exporting.export(str(run), str(tmp_path / "export"), formats=["float32"], log=lambda *_: None)
     assert seen == {"aspp_implementation": "conv"}

@@ -9,7 +9,7 @@ import pytest
 import tensorflow as tf
 
 from pit_keras.models.network import build_network
-from pit_keras.trainer import PITTrainer
+from pit_keras.training.trainer import PITTrainer
 from test_tools import load_tool
 
 benchmark_train = load_tool("benchmark_train")

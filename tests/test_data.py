@@ -10,7 +10,8 @@ from PIL import Image
 
 from conftest import CITYSCAPES_FRAME
 from pit_keras import losses
-from pit_keras.data import cityscapes, classes, gta5, pipeline, soft_labels
+from pit_keras.data import cityscapes, classes, gta5, pipeline
+from pit_keras.adaptation import soft_labels
 from pit_keras.errors import UserError
 
 # Cityscapes label id -> train id, written out independently of classes.py.
@@ -150,7 +151,7 @@ def test_cached_pipeline_gives_the_same_batches_and_reads_each_file_once(tiny_be
 
 
 def test_cache_images_feeds_a_run_the_same_source_and_target_batches(tiny_benchmark):
-    from pit_keras import training
+    from pit_keras.training import runner
 
     pairs = gta5.list_pairs(str(tiny_benchmark / "gta5"))
     target_paths = [image for image, _ in pairs[::-1]]  # any images serve as the target here
@@ -159,7 +160,7 @@ def test_cache_images_feeds_a_run_the_same_source_and_target_batches(tiny_benchm
     config = {"source_size": [32, 16], "target_size": [24, 16], "seed": 5}
     batches = []
     for cache in (False, True):
-        ds = training.build_dataset({**config, "cache_images": cache}, domains, batch_size=2, skip_batches=2)
+        ds = runner.build_dataset({**config, "cache_images": cache}, domains, batch_size=2, skip_batches=2)
         batches.append([{k: v.numpy() for k, v in b.items()} for b in ds.take(5)])
     assert len(batches[0]) == len(batches[1]) == 5
     for plain, cached in zip(*batches):
@@ -169,20 +170,20 @@ def test_cache_images_feeds_a_run_the_same_source_and_target_batches(tiny_benchm
 
 
 def test_cache_images_is_refused_when_the_decoded_images_would_not_fit(tiny_benchmark, capsys, monkeypatch):
-    from pit_keras import training
+    from pit_keras.training import runner
     from pit_keras.errors import UserError
 
     pairs = gta5.list_pairs(str(tiny_benchmark / "gta5"))
     domains = {"source": (pairs, gta5.read_train_ids), "target": ([image for image, _ in pairs], None)}
     width, height = Image.open(pairs[0][0]).size
     needed = len(pairs) * width * height * (4 + 3)
-    assert training.cache_footprint(domains) == pytest.approx(needed)
-    training.check_cache_fits(domains, available=2 * needed)
+    assert runner.cache_footprint(domains) == pytest.approx(needed)
+    runner.check_cache_fits(domains, available=2 * needed)
     assert f"about {needed / 1e6:.0f} MB" in capsys.readouterr().out
     with pytest.raises(UserError, match=r"^--cache_images: the decoded training images need about .* GB, more "
                                          r"than the .* GB of memory available"):
-        training.check_cache_fits(domains, available=needed)
-    training.check_cache_fits(domains, available=needed, shards=2)  # each of two workers keeps half
-    monkeypatch.setattr(training, "available_memory", lambda: None)
-    training.check_cache_fits(domains)
+        runner.check_cache_fits(domains, available=needed)
+    runner.check_cache_fits(domains, available=needed, shards=2)  # each of two workers keeps half
+    monkeypatch.setattr(runner, "available_memory", lambda: None)
+    runner.check_cache_fits(domains)
     assert "(not checked: the available memory could not be read)" in capsys.readouterr().out

@@ -49,7 +49,7 @@ def model_dir(tmp_path_factory):
 @pytest.fixture(scope="module")
 def exported(model_dir, tmp_path_factory):
     """Every .tflite variant at the run's (and the frame's) size, with MediaPipe metadata."""
-    from pit_keras import exporting
+    from pit_keras.deploy import exporting
 
     output = tmp_path_factory.mktemp("deploy_export") / "export"
     lines = []
@@ -66,9 +66,9 @@ def frame():
 @pytest.fixture(scope="module")
 def predicted(model_dir, frame):
     """predict's labels for the frame from the run folder (the Keras network at the run's 256x128)."""
-    from pit_keras import inference
+    from pit_keras.deploy import predictors
 
-    labels = inference.load_predictor(str(model_dir))(frame)
+    labels = predictors.load_predictor(str(model_dir))(frame)
     assert labels.shape == frame.shape[:2]
     return labels
 
@@ -115,7 +115,8 @@ def test_mediapipe_task_segments_like_predict(variant, exported, frame, predicte
 def test_mediapipe_metadata_normalisation_labels_and_activation(variant, exported):
     import json
 
-    from pit_keras import exporting, mediapipe_metadata
+    from pit_keras.deploy import exporting
+    from pit_keras.deploy import mediapipe_metadata
     from pit_keras.data import classes
 
     model = (exported / f"pit_{variant}.tflite").read_bytes()
@@ -137,14 +138,14 @@ def test_int8_model_is_integer_inside(exported, model_dir):
     uint8 input's cast and the dequantized logits."""
     import keras
 
-    from pit_keras import inference
+    from pit_keras.deploy import predictors
 
     ops, tensors = tensor_ops(exported / "pit_int8.tflite")
     dtype = {t["index"]: t["dtype"] for t in tensors}
     convolutions = [op for op in ops if op["op_name"] in ("CONV_2D", "DEPTHWISE_CONV_2D")]
     quantized = [op for op in convolutions if dtype[op["inputs"][0]] == np.int8 and dtype[op["inputs"][1]] == np.int8
                  and dtype[op["outputs"][0]] == np.int8]
-    segmenter, _, _ = inference.load_segmenter(str(model_dir), aspp_implementation="conv")
+    segmenter, _, _ = predictors.load_segmenter(str(model_dir), aspp_implementation="conv")
     layers = [layer for layer in segmenter._flatten_layers() if isinstance(layer, keras.layers.Conv2D)]
     print(f"\nint8: {len(quantized)} of {len(convolutions)} convolutions quantized ({len(layers)} in the network)")
     assert len(quantized) == len(convolutions) == len(layers) > 0
@@ -154,7 +155,7 @@ def test_int8_model_is_integer_inside(exported, model_dir):
 
 
 def test_gpu_variant_has_no_argmax_or_int64_and_agrees_with_float32(exported, frame):
-    from pit_keras import inference
+    from pit_keras.deploy import predictors
 
     path = exported / "pit_gpu_float16.tflite"
     ops, tensors = tensor_ops(path)
@@ -165,11 +166,11 @@ def test_gpu_variant_has_no_argmax_or_int64_and_agrees_with_float32(exported, fr
     assert resize_align_corners(path) == [False] * sum(op["op_name"] == "RESIZE_BILINEAR" for op in ops)
     # float16 weights: the convolution filters are stored as float16.
     assert any(t["dtype"] == np.float16 for t in tensors)
-    gpu = inference.load_predictor(str(path))
+    gpu = predictors.load_predictor(str(path))
     logits = gpu.run(frame)["logits"][0]
     assert logits.shape == frame.shape[:2] + (19,)
     labels = np.argmax(logits, axis=-1)
-    reference = inference.load_predictor(str(exported / "pit_float32.tflite"))(frame)
+    reference = predictors.load_predictor(str(exported / "pit_float32.tflite"))(frame)
     match = float(np.mean(labels == reference))
     print(f"\ngpu_float16: host argmax agrees with float32 on {100 * match:.2f}% of pixels")
     assert match >= 0.995
@@ -186,14 +187,16 @@ def resize_align_corners(path):
 
 
 def test_export_without_mediapipe_says_so_and_still_writes_models(model_dir, tmp_path, monkeypatch):
-    from pit_keras import exporting, inference, mediapipe_metadata
+    from pit_keras.deploy import exporting
+    from pit_keras.deploy import predictors
+    from pit_keras.deploy import mediapipe_metadata
 
     monkeypatch.setattr(mediapipe_metadata, "available", lambda: False)
     lines = []
     metadata = exporting.export(model_dir, tmp_path / "export", formats=("float32",), log=lines.append)
     assert len([line for line in lines if "mediapipe is not installed" in line]) == 1
     assert metadata["tflite"]["mediapipe_metadata"] is None
-    predictor = inference.load_predictor(str(tmp_path / "export" / "pit_float32.tflite"))
+    predictor = predictors.load_predictor(str(tmp_path / "export" / "pit_float32.tflite"))
     assert predictor(np.zeros((128, 256, 3), np.uint8)).shape == (128, 256)
 
 

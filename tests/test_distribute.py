@@ -19,9 +19,10 @@ MIRRORED_STEP = textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
     import keras
-    from pit_keras import distribute, trainer as trainer_module
+    from pit_keras.training import distribute
+    from pit_keras.training import trainer as trainer_module
     from pit_keras.models.network import build_network
-    from pit_keras.trainer import PITTrainer
+    from pit_keras.training.trainer import PITTrainer
 
     distribute.configure_cpu_replicas(2)
     if sys.argv[1] == "wrong_reduction":
@@ -71,11 +72,12 @@ def test_two_mirrored_replicas_equal_one_device(reduction):
 WORKER = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from pit_keras import distribute, training
+    from pit_keras.training import distribute
+    from pit_keras.training import runner
 
     strategy = distribute.make_strategy("multi_worker")
     config = json.loads(sys.argv[1])
-    trainer, _ = training.run(config, sys.argv[2], strategy=strategy, log_every=2, image_every=0,
+    trainer, _ = runner.run(config, sys.argv[2], strategy=strategy, log_every=2, image_every=0,
                               checkpoint_every=2, evaluate=False, verbose=0)
     np.savez(sys.argv[3], *[v.numpy() for v in trainer.network.weights])
 """)
@@ -137,7 +139,7 @@ def policy():
 def test_mixed_precision_and_xla_give_finite_losses(policy, name, jit):
     from test_trainer import batches
     from pit_keras.models.network import build_network
-    from pit_keras.trainer import PITTrainer
+    from pit_keras.training.trainer import PITTrainer
 
     policy(name)
     keras.utils.set_random_seed(0)

@@ -14,7 +14,8 @@ import pytest
 from PIL import Image
 
 from conftest import CITYSCAPES_FRAME, REPO
-from pit_keras import evaluation, metrics
+from pit_keras.evaluation import scoring
+from pit_keras.evaluation import metrics
 from pit_keras.data import cityscapes, classes
 from pit_keras.errors import UserError
 
@@ -71,15 +72,15 @@ def handmade_pairs(root):
 
 
 def test_label_space_maps_19_to_16_and_refuses_16_over_19():
-    space = evaluation.label_space(13, 19)
+    space = scoring.label_space(13, 19)
     assert space.class_set is classes.SYNTHIA16
     np.testing.assert_array_equal(space.labels(np.array([0, 9, 10, 14, 16, 18, 255])),
                                   [0, 255, 9, 255, 255, 15, 255])
     np.testing.assert_array_equal(space.predictions(np.array([9, 10])), [255, 9])
-    assert evaluation.label_space(16, 16).prediction_lut is None
-    assert evaluation.label_space(19, 19).label_lut is None
+    assert scoring.label_space(16, 16).prediction_lut is None
+    assert scoring.label_space(19, 19).label_lut is None
     with pytest.raises(ValueError, match="16-class predictions cannot be scored over 19"):
-        evaluation.label_space(19, 16)
+        scoring.label_space(19, 16)
 
 
 def test_find_predictions_prefers_the_mirror_then_one_prefix_match(tmp_path):
@@ -90,44 +91,44 @@ def test_find_predictions_prefers_the_mirror_then_one_prefix_match(tmp_path):
     save_png(pred / "x" / "aachen_000000_000000_other.png", TRUTH)  # ignored: the mirror wins
     save_png(pred / "deep" / "er" / "bonn_000000_000001_pred.png", TRUTH)
     save_png(pred / "koeln_000000_000002_a.png", TRUTH)
-    found = evaluation.find_predictions(pairs, str(pred))
+    found = scoring.find_predictions(pairs, str(pred))
     assert found == [str(pred / "aachen" / "aachen_000000_000000_leftImg8bit.png"),
                      str(pred / "deep" / "er" / "bonn_000000_000001_pred.png"),
                      str(pred / "koeln_000000_000002_a.png")]
 
     save_png(pred / "koeln_000000_000002_b.png", TRUTH)
     with pytest.raises(UserError, match=r"koeln_000000_000002_leftImg8bit.png has 2 predictions .*keep one"):
-        evaluation.find_predictions(pairs, str(pred))
+        scoring.find_predictions(pairs, str(pred))
     shutil.rmtree(pred / "deep")
     os.remove(pred / "koeln_000000_000002_b.png")
     with pytest.raises(UserError, match=r"bonn_000000_000001_leftImg8bit.png has no prediction: expected "
                                         r".*bonn/bonn_000000_000001_leftImg8bit.png or one "
                                         r"bonn_000000_000001\*.png .*\(1 of 3 images have none\)"):
-        evaluation.find_predictions(pairs, str(pred))
+        scoring.find_predictions(pairs, str(pred))
     with pytest.raises(UserError, match="no such folder"):
-        evaluation.find_predictions(pairs, str(tmp_path / "nowhere"))
+        scoring.find_predictions(pairs, str(tmp_path / "nowhere"))
 
 
 def test_read_prediction_refuses_other_sizes_modes_and_label_ids(tmp_path):
     path = str(tmp_path / "p.png")
     save_png(path, TRUTH)
-    np.testing.assert_array_equal(evaluation.read_prediction(path, (2, 8), 19), TRUTH)
+    np.testing.assert_array_equal(scoring.read_prediction(path, (2, 8), 19), TRUTH)
     with pytest.raises(UserError, match=r"p.png is 8x2 but its label is 16x4; predictions must be saved at "
                                         r"label resolution"):
-        evaluation.read_prediction(path, (4, 16), 19)
+        scoring.read_prediction(path, (4, 16), 19)
     save_png(path, to_label_ids(TRUTH))  # the label-id encoding cityscapesScripts expects
     with pytest.raises(UserError, match=r"holds id 22, not a 19-class train id \(0 to 18, or 255\); predictions "
                                         r"must be train ids, not label ids"):
-        evaluation.read_prediction(path, (2, 8), 19)
+        scoring.read_prediction(path, (2, 8), 19)
     with pytest.raises(UserError, match="holds id 22, not a 16-class train id"):
-        evaluation.read_prediction(path, (2, 8), 16)
+        scoring.read_prediction(path, (2, 8), 16)
     Image.fromarray(np.zeros((2, 8, 3), np.uint8)).save(path)
     with pytest.raises(UserError, match="8-bit single-channel PNG of train ids, got mode RGB"):
-        evaluation.read_prediction(path, (2, 8), 19)
+        scoring.read_prediction(path, (2, 8), 19)
     with open(path, "wb") as f:
         f.write(b"not a png")
     with pytest.raises(UserError, match="cannot be read as a PNG"):
-        evaluation.read_prediction(path, (2, 8), 19)
+        scoring.read_prediction(path, (2, 8), 19)
 
 
 def expected_result(num_classes):
@@ -141,10 +142,10 @@ def test_saved_predictions_against_hand_computation(handmade, tmp_path, num_clas
     prediction = PREDICTION if prediction_classes == 19 else classes.train19_to_train16()[PREDICTION]
     save_png(tmp_path / "frankfurt" / f"{FRAME}_leftImg8bit.png", prediction)
     pairs = handmade_pairs(handmade)
-    space = evaluation.label_space(num_classes, prediction_classes)
-    paths = evaluation.find_predictions(pairs, str(tmp_path))
+    space = scoring.label_space(num_classes, prediction_classes)
+    paths = scoring.find_predictions(pairs, str(tmp_path))
     result = metrics.summarize(
-        evaluation.predictions_confusion(pairs, cityscapes.read_train_ids, paths, space, progress=False),
+        scoring.predictions_confusion(pairs, cityscapes.read_train_ids, paths, space, progress=False),
         space.class_set)
     # Classes absent from truth and prediction alike have no IoU and stay out of the mean.
     assert result["per_class_iou"] == pytest.approx(expected_result(num_classes))
@@ -163,8 +164,8 @@ def test_network_predictions_are_mapped_like_saved_ones(handmade):
     kernel[0, 0, 0] = 2 * c / 10
     seg.set_weights([kernel, -c * c])
     for num_classes in (19, 13):
-        space = evaluation.label_space(num_classes, 19)
-        cm = evaluation.network_confusion(network, handmade_pairs(handmade), cityscapes.read_train_ids, space,
+        space = scoring.label_space(num_classes, 19)
+        cm = scoring.network_confusion(network, handmade_pairs(handmade), cityscapes.read_train_ids, space,
                                           input_size=(8, 2), progress=False)
         result = metrics.summarize(cm, space.class_set)
         assert result["per_class_iou"] == pytest.approx(expected_result(num_classes))
@@ -298,7 +299,7 @@ def test_agrees_with_cityscapesscripts(tiny_benchmark, tmp_path, monkeypatch):
         ours = ours_dir / city / name if index % 2 else ours_dir / "any" / f"{stem}_pred.png"
         save_png(ours, prediction)
         save_png(theirs_dir / f"{stem}_labelIds.png", to_label_ids(prediction))
-    predictions = evaluation.find_predictions(pairs, str(ours_dir))
+    predictions = scoring.find_predictions(pairs, str(ours_dir))
 
     def theirs():
         args = cs.CArgs()
@@ -309,8 +310,8 @@ def test_agrees_with_cityscapesscripts(tiny_benchmark, tmp_path, monkeypatch):
                                     for _, label in pairs], [label for _, label in pairs], args)
 
     def ours(num_classes):
-        space = evaluation.label_space(num_classes, 19)
-        cm = evaluation.predictions_confusion(pairs, cityscapes.read_train_ids, predictions, space, progress=False)
+        space = scoring.label_space(num_classes, 19)
+        cm = scoring.predictions_confusion(pairs, cityscapes.read_train_ids, predictions, space, progress=False)
         return metrics.summarize(cm, space.class_set)
 
     def assert_agree(result, reference, names):

@@ -40,7 +40,7 @@ def model_dir(tiny_benchmark, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def exported(model_dir, tmp_path_factory):
-    from pit_keras import exporting
+    from pit_keras.deploy import exporting
 
     output = tmp_path_factory.mktemp("exports") / "pit"
     metadata = exporting.export(model_dir, output, calibration_count=6)
@@ -49,18 +49,18 @@ def exported(model_dir, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def keras_predictor(model_dir):
-    from pit_keras import inference
+    from pit_keras.deploy import predictors
 
-    return inference.load_predictor(str(model_dir))
+    return predictors.load_predictor(str(model_dir))
 
 
 @pytest.fixture(scope="module")
 def target_images(tiny_benchmark):
     """The benchmark's target images (train and val) at 64x32, as uint8 RGB."""
-    from pit_keras import inference
+    from pit_keras.deploy import predictors
 
     paths = sorted(str(p) for p in (tiny_benchmark / "cityscapes" / "leftImg8bit").rglob("*.png"))
-    return [inference.read_image(p) for p in paths]
+    return [predictors.read_image(p) for p in paths]
 
 
 def agreement(predictor, reference, images):
@@ -116,12 +116,13 @@ def test_saved_model_in_a_fresh_process_matches_keras(exported, keras_predictor,
 def test_saved_model_holds_no_coarse_unit_variables(exported, model_dir):
     import tensorflow as tf
 
-    from pit_keras import checkpoints, inference
+    from pit_keras.training import checkpoints
+    from pit_keras.deploy import predictors
     from pit_keras.models.network import build_network
 
     output, _ = exported
     loaded = tf.saved_model.load(str(output / "saved_model" / "pit" / "1"))
-    segmenter, config, _ = inference.load_segmenter(str(model_dir))
+    segmenter, config, _ = predictors.load_segmenter(str(model_dir))
     network = build_network(config["backbone"], config["num_classes"], num_units=len(config["lse_r"]))
     shapes = sorted(tuple(v.shape) for v in loaded.variables)
     assert shapes == sorted(tuple(v.shape) for v in segmenter.variables)
@@ -132,10 +133,10 @@ def test_saved_model_holds_no_coarse_unit_variables(exported, model_dir):
 
 @pytest.mark.parametrize("variant", ["float32", "float16", "dynamic_int8", "int8", "gpu_float16"])
 def test_tflite_runs_in_litert_and_agrees_with_keras(variant, exported, keras_predictor, target_images):
-    from pit_keras import inference
+    from pit_keras.deploy import predictors
 
     output, _ = exported
-    predictor = inference.load_predictor(str(output / f"pit_{variant}.tflite"))
+    predictor = predictors.load_predictor(str(output / f"pit_{variant}.tflite"))
     assert predictor.kind == "tflite"
     details = predictor.runner.get_input_details()["images"]
     assert list(details["shape"]) == [1, 32, 64, 3]
@@ -151,7 +152,7 @@ def test_tflite_runs_in_litert_and_agrees_with_keras(variant, exported, keras_pr
 
 
 def test_export_refuses_an_existing_output_dir(exported, model_dir):
-    from pit_keras import exporting
+    from pit_keras.deploy import exporting
     from pit_keras.errors import UserError
 
     output, _ = exported
@@ -160,7 +161,7 @@ def test_export_refuses_an_existing_output_dir(exported, model_dir):
 
 
 def test_interrupted_export_leaves_the_previous_export_untouched(exported, model_dir, monkeypatch):
-    from pit_keras import exporting
+    from pit_keras.deploy import exporting
 
     output, _ = exported
     before = exporting.file_sizes(output)
@@ -179,7 +180,7 @@ def test_interrupted_export_leaves_the_previous_export_untouched(exported, model
 
 
 def test_overwrite_replaces_the_export_once_complete(model_dir, tmp_path):
-    from pit_keras import exporting
+    from pit_keras.deploy import exporting
 
     output = tmp_path / "export"
     exporting.export(model_dir, output, formats=("float32",))
@@ -190,7 +191,7 @@ def test_overwrite_replaces_the_export_once_complete(model_dir, tmp_path):
 
 def small_export(folder):
     """A folder laid out as export writes it (a SavedModel file, a .tflite, metadata.json listing them)."""
-    from pit_keras import exporting
+    from pit_keras.deploy import exporting
 
     (folder / "saved_model" / "pit" / "1").mkdir(parents=True)
     (folder / "saved_model" / "pit" / "1" / "saved_model.pb").write_bytes(b"pb")
@@ -202,7 +203,7 @@ def small_export(folder):
 
 
 def test_overwrite_never_replaces_a_folder_that_holds_no_export(tmp_path):
-    from pit_keras import exporting
+    from pit_keras.deploy import exporting
     from pit_keras.errors import UserError
 
     home = tmp_path / "home"
@@ -246,7 +247,7 @@ def test_export_cli_refuses_to_overwrite_a_home_folder_in_one_sentence(tmp_path)
 
 
 def test_the_new_export_is_swapped_in_whole_before_the_old_one_is_deleted(tmp_path, monkeypatch):
-    from pit_keras import exporting
+    from pit_keras.deploy import exporting
 
     old, new = tmp_path / "export", tmp_path / ".export.partial-1"
     for folder, name in ((old, "old.tflite"), (new, "new.tflite")):
@@ -300,19 +301,19 @@ def huge_png_header(path, width, height):
 
 
 def test_predict_refuses_huge_images_and_names_bad_paths(exported, tmp_path):
-    from pit_keras import inference
+    from pit_keras.deploy import predictors
     from pit_keras.errors import UserError
 
     output, _ = exported
     huge_png_header(tmp_path / "huge.png", 10000, 6000)
     with pytest.raises(UserError, match="10000x6000 \\(60 MP\\), over the 50 MP limit"):
-        inference.read_image(str(tmp_path / "huge.png"))
+        predictors.read_image(str(tmp_path / "huge.png"))
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(UserError, match="broken.png: not a readable image"):
-        inference.read_image(str(tmp_path / "broken.png"))
+        predictors.read_image(str(tmp_path / "broken.png"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty: the folder holds no .png"):
-        inference.list_images(str(tmp_path / "empty"))
+        predictors.list_images(str(tmp_path / "empty"))
     result = run("predict", f"--model={tmp_path / 'nowhere'}", f"--input={tmp_path}",
                  f"--output_dir={tmp_path / 'out'}", timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr

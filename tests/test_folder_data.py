@@ -13,7 +13,7 @@ import pytest
 from PIL import Image
 
 from conftest import REPO
-from pit_keras import evaluation
+from pit_keras.evaluation import scoring
 from pit_keras.data import classes, datasets, folder
 from pit_keras.errors import UserError
 
@@ -176,18 +176,18 @@ def test_deployed_results_are_written_beside_the_export_folder(tmp_path):
     (export / "saved_model" / "pit" / "1").mkdir(parents=True)
     (export / "metadata.json").write_text("{}")
     (export / "pit_int8.tflite").write_bytes(b"")
-    assert evaluation.deployed_output(str(export / "pit_int8.tflite"), "val") == str(
+    assert scoring.deployed_output(str(export / "pit_int8.tflite"), "val") == str(
         tmp_path / "demo_export_pit_int8_eval_val.json")
-    assert evaluation.deployed_output(str(export), "val") == str(tmp_path / "demo_export_eval_val.json")
-    assert evaluation.deployed_output(str(export / "saved_model" / "pit" / "1"), "test") == str(
+    assert scoring.deployed_output(str(export), "val") == str(tmp_path / "demo_export_eval_val.json")
+    assert scoring.deployed_output(str(export / "saved_model" / "pit" / "1"), "test") == str(
         tmp_path / "demo_export_saved_model_pit_1_eval_test.json")
     lone = tmp_path / "elsewhere" / "model.tflite"
     lone.parent.mkdir()
     lone.write_bytes(b"")
-    assert evaluation.deployed_output(str(lone), "val") == str(tmp_path / "elsewhere" / "model_eval_val.json")
+    assert scoring.deployed_output(str(lone), "val") == str(tmp_path / "elsewhere" / "model_eval_val.json")
     with pytest.raises(UserError, match="lies inside the export folder"):
-        evaluation.check_output_outside_export(str(export / "results" / "r.json"), str(export / "pit_int8.tflite"))
-    evaluation.check_output_outside_export(str(tmp_path / "r.json"), str(export / "pit_int8.tflite"))
+        scoring.check_output_outside_export(str(export / "results" / "r.json"), str(export / "pit_int8.tflite"))
+    scoring.check_output_outside_export(str(tmp_path / "r.json"), str(export / "pit_int8.tflite"))
 
     result = run("evaluate", f"--tflite={export / 'pit_int8.tflite'}", f"--output={export / 'r.json'}",
                  "--target=folder", f"--target_root={tmp_path}", timeout=60)
@@ -202,12 +202,12 @@ def test_saved_predictions_of_a_folder_val_set_are_found_by_relative_path(tmp_pa
     pred = tmp_path / "pred"
     save(pred / "seq" / "frame_1_labelTrainIds.png", [[0]])  # as predict names them
     save(pred / "frame_10.png", [[0]])
-    assert evaluation.find_predictions(pairs, str(pred), image_dir=str(images)) == [
+    assert scoring.find_predictions(pairs, str(pred), image_dir=str(images)) == [
         str(pred / "seq" / "frame_1_labelTrainIds.png"), str(pred / "frame_10.png")]
     # Elsewhere under PRED a prediction is found by its stem, which frame_10 does not share with frame_1.
     os.remove(pred / "seq" / "frame_1_labelTrainIds.png")
     save(pred / "other" / "frame_1_pred.png", [[0]])
-    assert evaluation.find_predictions(pairs, str(pred), image_dir=str(images))[0] == str(
+    assert scoring.find_predictions(pairs, str(pred), image_dir=str(images))[0] == str(
         pred / "other" / "frame_1_pred.png")
 
 

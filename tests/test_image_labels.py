@@ -16,8 +16,9 @@ import tensorflow as tf
 from sklearn.metrics.pairwise import additive_chi2_kernel
 
 from conftest import REPO
-from pit_keras import regressor
-from pit_keras.data import cityscapes, gta5, soft_labels
+from pit_keras.adaptation import regressor
+from pit_keras.data import cityscapes, gta5
+from pit_keras.adaptation import soft_labels
 from pit_keras.errors import UserError
 from pit_keras.models.network import build_network
 

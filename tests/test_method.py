@@ -5,7 +5,7 @@ variant that makes it in the library (monkeypatched) and expects the check to tu
 - one step under mixed_float16, mixed_bfloat16 and XLA moves the weights as a float32 step does;
 - the reparameterisation of Eq. 1 as printed (r on W equals r = 1 on rW), and its absence under the normalised form;
 - `--eval_every` keeps the best checkpoint, `restore_network(..., "best")` loads it and `evaluate_run` reports it;
-- the optimizer of `training.build_trainer`: weight decay skips the w^k, the poly learning rate, and the head and
+- the optimizer of `runner.build_trainer`: weight decay skips the w^k, the poly learning rate, and the head and
   w^k learning-rate multipliers under MirroredStrategy;
 - two workers against one process fed the same global batches;
 - at a paper flagfile's optimiser settings the w^k leave 1/K.
@@ -25,9 +25,13 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
-from pit_keras import callbacks, checkpoints, evaluation, losses, training
+from pit_keras import losses
+from pit_keras.training import callbacks
+from pit_keras.training import checkpoints
+from pit_keras.evaluation import scoring
+from pit_keras.training import runner
 from pit_keras.models.network import build_network, interaction_weights
-from pit_keras.trainer import PITTrainer
+from pit_keras.training.trainer import PITTrainer
 from test_distribute import free_ports, run_python
 
 C = 4
@@ -286,9 +290,9 @@ def test_printed_lse_reparameterises_r_into_the_head_and_the_normalised_form_doe
 # === 4. --eval_every and the best checkpoint ===
 
 def run_with_validation(bench, model_dir, monkeypatch, mious):
-    """training.run with --eval_every=2 over 6 steps; the three validations report `mious` (the real evaluation
+    """runner.run with --eval_every=2 over 6 steps; the three validations report `mious` (the real evaluation
     runs; only its mIoU is replaced, so that the best is neither the first nor the last)."""
-    real = evaluation.evaluate
+    real = scoring.evaluate
     calls = []
 
     def evaluate(*args, progress=True, **kwargs):
@@ -298,9 +302,9 @@ def run_with_validation(bench, model_dir, monkeypatch, mious):
         calls.append(result["miou"])
         return {**result, "miou": mious[len(calls) - 1]}
 
-    monkeypatch.setattr(evaluation, "evaluate", evaluate)
+    monkeypatch.setattr(scoring, "evaluate", evaluate)
     config = benchmark_config(bench, num_steps=6, batch_size=2)
-    trainer, result = training.run(config, str(model_dir), log_every=2, image_every=0, checkpoint_every=2,
+    trainer, result = runner.run(config, str(model_dir), log_every=2, image_every=0, checkpoint_every=2,
                                    keep_checkpoints=3, verbose=0, eval_every=2)
     assert len(calls) == 3
     return config, trainer, result
@@ -343,13 +347,13 @@ def test_eval_every_keeps_restores_and_reports_the_best_checkpoint(tiny_benchmar
     expect(check, mistake)
 
 
-# === 5. The optimizer of training.build_trainer ===
+# === 5. The optimizer of runner.build_trainer ===
 
 def built_trainer(**overrides):
     keras.utils.set_random_seed(0)
     config = benchmark_config(REPO, num_classes=C, **overrides)
     network = build_network("tiny", C, num_units=3)
-    return training.build_trainer(config, network), network
+    return runner.build_trainer(config, network), network
 
 
 @pytest.mark.parametrize("mistake", [None, "w_decayed"])
@@ -400,9 +404,10 @@ MIRRORED_MULTIPLIERS = textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
     import keras
-    from pit_keras import distribute, training
+    from pit_keras.training import distribute
+    from pit_keras.training import runner
     from pit_keras.models.network import build_network, head_variables, interaction_weights
-    from pit_keras.trainer import PITTrainer
+    from pit_keras.training.trainer import PITTrainer
 
     distribute.configure_cpu_replicas(2)
     C, N = 4, 4
@@ -420,7 +425,7 @@ MIRRORED_MULTIPLIERS = textwrap.dedent("""
         with strategy.scope():
             keras.utils.set_random_seed(0)
             network = build_network("tiny", C, 3)
-            trainer = training.build_trainer({**config, **overrides}, network)
+            trainer = runner.build_trainer({**config, **overrides}, network)
             if initial is None:
                 initial = [v.numpy() for v in network.trainable_variables]
             for v, value in zip(network.trainable_variables, initial):
@@ -459,7 +464,7 @@ MIRRORED_MULTIPLIERS = textwrap.dedent("""
         # Weight decay under the strategy: a zero-gradient step leaves the w^k alone, the rest shrinks.
         with strategy.scope():
             network = build_network("tiny", C, 3)
-            trainer = training.build_trainer({**config, "weight_decay": 0.05, "learning_rate": 0.1}, network)
+            trainer = runner.build_trainer({**config, "weight_decay": 0.05, "learning_rate": 0.1}, network)
             trainer.optimizer.build(network.trainable_variables)
         w_before = interaction_weights(network).numpy()
         kernel = network.get_layer("fine_head").weights[0]
@@ -519,23 +524,24 @@ def test_weight_decay_skips_the_interaction_weights_under_mirrored_strategy(mirr
 WORKER = textwrap.dedent("""
     import json, sys
     import numpy as np
-    from pit_keras import distribute, training
+    from pit_keras.training import distribute
+    from pit_keras.training import runner
 
     strategy = distribute.make_strategy("multi_worker")
     config = json.loads(sys.argv[1])
     if sys.argv[4] == "shard_ignored":
         # The mistake: every worker reads the whole data set instead of its shard.
-        real = training.build_dataset
-        training.build_dataset = lambda config, domains, batch_size, shard=None, skip_batches=0: real(
+        real = runner.build_dataset
+        runner.build_dataset = lambda config, domains, batch_size, shard=None, skip_batches=0: real(
             config, domains, batch_size, None, skip_batches)
     initial = []
-    real_build = training.build_network
+    real_build = runner.build_network
     def build_network(*args, **kwargs):
         network = real_build(*args, **kwargs)
         initial.extend(v.numpy() for v in network.weights)
         return network
-    training.build_network = build_network
-    trainer, _ = training.run(config, sys.argv[2], strategy=strategy, log_every=2, image_every=0,
+    runner.build_network = build_network
+    trainer, _ = runner.run(config, sys.argv[2], strategy=strategy, log_every=2, image_every=0,
                               checkpoint_every=4, evaluate=False, verbose=0)
     np.savez(sys.argv[3], *[v.numpy() for v in trainer.network.weights])
     np.savez(sys.argv[3] + ".initial.npz", *initial)
@@ -549,10 +555,10 @@ def one_process_on_the_workers_batches(config, initial):
     network = build_network(config["backbone"], config["num_classes"], num_units=len(config["lse_r"]))
     for v, value in zip(network.weights, initial):
         v.assign(value)
-    trainer = training.build_trainer(config, network)
-    domains = training.load_domains(config, trainer)
+    trainer = runner.build_trainer(config, network)
+    domains = runner.load_domains(config, trainer)
     half = config["batch_size"] // 2
-    shards = [training.build_dataset(config, domains, half, shard=(2, i)) for i in range(2)]
+    shards = [runner.build_dataset(config, domains, half, shard=(2, i)) for i in range(2)]
     data = tf.data.Dataset.zip(tuple(shards)).map(
         lambda a, b: {key: tf.concat([a[key], b[key]], axis=0) for key in a})
     trainer.fit(data, epochs=1, steps_per_epoch=config["num_steps"], verbose=0, shuffle=False)
@@ -601,7 +607,7 @@ def w_after_a_short_paper_run(bench, model_dir, steps, interaction_lr_multiplier
         bench, num_steps=steps, batch_size=2, learning_rate=2.5e-4, head_lr_multiplier=10.0,
         interaction_lr_multiplier=interaction_lr_multiplier, momentum=0.9, image_loss_reduction="mean",
         lse_normalize=True, weight_decay=0.0)
-    trainer, _ = training.run(config, str(model_dir), log_every=steps, image_every=0, checkpoint_every=steps,
+    trainer, _ = runner.run(config, str(model_dir), log_every=steps, image_every=0, checkpoint_every=steps,
                               evaluate=False, verbose=0)
     return interaction_weights(trainer.network).numpy()
 

@@ -1,4 +1,4 @@
-"""Tests of pit_keras.metrics against scikit-learn and numbers worked out by hand."""
+"""Tests of pit_keras.evaluation.metrics against scikit-learn and numbers worked out by hand."""
 
 import csv
 import json
@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
-from pit_keras import metrics
+from pit_keras.evaluation import metrics
 from pit_keras.data import classes
 
 

@@ -16,7 +16,8 @@ import tensorflow as tf
 from PIL import Image
 
 from conftest import REPO
-from pit_keras import callbacks, checkpoints
+from pit_keras.training import callbacks
+from pit_keras.training import checkpoints
 from pit_keras.errors import UserError
 from test_trainer import batches, make_trainer
 
@@ -422,10 +423,10 @@ def test_predict_goes_on_past_bad_images_and_mirrors_sub_folders(tiny_benchmark,
 
 
 def test_two_images_that_would_write_the_same_outputs_are_refused(tmp_path):
-    from pit_keras import inference
+    from pit_keras.deploy import predictors
 
     for name in ("a.png", "a.jpg", "b.png"):
         (tmp_path / name).write_bytes(b"")
-    images = inference.list_images(str(tmp_path))
+    images = predictors.list_images(str(tmp_path))
     with pytest.raises(UserError, match="a.jpg and .*a.png would write the same outputs \\(a_labelTrainIds.png\\)"):
-        inference.output_names(images, str(tmp_path))
+        predictors.output_names(images, str(tmp_path))

@@ -1,4 +1,4 @@
-"""Self-training (pit_keras/self_training.py and the trainer's st_trg term): the EMA teacher and the confidence
+"""Self-training (pit_keras/adaptation/self_training.py and the trainer's st_trg term): the EMA teacher and the confidence
 weight against numpy, ClassMix alignment, teacher BatchNorm modes, and a mirrored step that equals a one-device
 step with self-training and ClassMix on."""
 
@@ -13,9 +13,10 @@ import pytest
 import tensorflow as tf
 
 from conftest import REPO
-from pit_keras import losses, self_training
+from pit_keras import losses
+from pit_keras.adaptation import self_training
 from pit_keras.models.network import build_network
-from pit_keras.trainer import PITTrainer, SelfTraining
+from pit_keras.training.trainer import PITTrainer, SelfTraining
 
 C = 5
 
@@ -171,9 +172,10 @@ MIRRORED_ST = textwrap.dedent("""
     import numpy as np
     import tensorflow as tf
     import keras
-    from pit_keras import distribute, self_training
+    from pit_keras.training import distribute
+    from pit_keras.adaptation import self_training
     from pit_keras.models.network import build_network
-    from pit_keras.trainer import PITTrainer, SelfTraining
+    from pit_keras.training.trainer import PITTrainer, SelfTraining
 
     distribute.configure_cpu_replicas(2)
     if sys.argv[1] == "per_replica_masks":
@@ -305,18 +307,18 @@ def test_teacher_labels_blended_from_a_prior_and_weighted_by_confidence(confiden
 
 
 def test_a_runs_prior_is_read_as_the_target_image_labels(tmp_path):
-    from pit_keras import training
-    from pit_keras.data import soft_labels
+    from pit_keras.training import runner
+    from pit_keras.adaptation import soft_labels
 
     root = tmp_path / "target"
     pairs = [(str(root / "leftImg8bit" / "train" / "a" / f"{n}_leftImg8bit.png"), None) for n in ("x", "y")]
-    keys = [training.relative_key(str(root), image) for image, _ in pairs]
+    keys = [runner.relative_key(str(root), image) for image, _ in pairs]
     rows = np.asarray([[0.5, 0.5, 0, 0, 0], [0, 0, 1.0, 0, 0]], np.float32)
     soft_labels.write_json(str(tmp_path / "prior.json"), keys, rows)
     config = {"image_labels": "teacher", "num_classes": C, "image_labels_prior": str(tmp_path / "prior.json")}
-    np.testing.assert_allclose(training.target_image_labels(config, pairs, None, str(root)), rows)
+    np.testing.assert_allclose(runner.target_image_labels(config, pairs, None, str(root)), rows)
     config["image_labels_prior"] = None  # without a prior the teacher's labels are computed in the step
-    assert not training.target_image_labels(config, pairs, None, str(root)).any()
+    assert not runner.target_image_labels(config, pairs, None, str(root)).any()
     config["image_labels_prior"] = str(tmp_path / "missing.json")
     with pytest.raises(Exception, match="--image_labels_prior="):
-        training.target_image_labels(config, pairs, None, str(root))
+        runner.target_image_labels(config, pairs, None, str(root))

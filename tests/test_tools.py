@@ -219,7 +219,8 @@ def tiny_runs(tiny_benchmark, tmp_path_factory):
     folder (run.json and a checkpoint of its initial weights)."""
     import keras
 
-    from pit_keras import checkpoints, training
+    from pit_keras.training import checkpoints
+    from pit_keras.training import runner
     from pit_keras.models.network import build_network
 
     config = {
@@ -233,7 +234,7 @@ def tiny_runs(tiny_benchmark, tmp_path_factory):
     }
     root = tmp_path_factory.mktemp("tool_runs")
     runs = {"pit": root / "pit", "source_only": root / "source_only"}
-    training.run(config, str(runs["pit"]), log_every=2, image_every=0, checkpoint_every=2, evaluate=False,
+    runner.run(config, str(runs["pit"]), log_every=2, image_every=0, checkpoint_every=2, evaluate=False,
                  verbose=0)
     baseline = {**config, "method": "source_only", "image_labels": None}
     checkpoints.check_or_write_run_config(str(runs["source_only"]), baseline)

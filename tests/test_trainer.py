@@ -6,9 +6,9 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from pit_keras import checkpoints
+from pit_keras.training import checkpoints
 from pit_keras.models.network import build_network, interaction_weights
-from pit_keras.trainer import PITTrainer
+from pit_keras.training.trainer import PITTrainer
 
 C = 4
 

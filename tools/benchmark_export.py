@@ -37,7 +37,10 @@ from pit_keras import console  # noqa: E402
 if __name__ == "__main__":
     console.configure_from_argv()  # before the imports below load TensorFlow
 
-from pit_keras import checkpoints, exporting, inference, metrics  # noqa: E402
+from pit_keras.training import checkpoints
+from pit_keras.deploy import exporting
+from pit_keras.deploy import predictors
+from pit_keras.evaluation import metrics
 from pit_keras.data import classes, datasets, synthetic  # noqa: E402
 from pit_keras.models.backbones import BACKBONES  # noqa: E402
 
@@ -66,7 +69,7 @@ def evaluate(predictor, pairs, reader, class_set):
     matrix = metrics.ConfusionMatrix(class_set.num_classes)
     for image_path, label_path in pairs:
         label = reader(label_path)
-        image = inference.read_image(image_path)
+        image = predictors.read_image(image_path)
         prediction = predictor(image)
         if prediction.shape != label.shape:
             raise ValueError(f"{image_path}: the image and its label differ in size.")
@@ -114,7 +117,7 @@ def benchmark(model_dir, export_dir, size, warmup, repeats, threads, max_images,
         settings = [(None, None)] if network_size is not None else [
             (count, xnnpack) for xnnpack in (True, False) for count in threads]
         for count, xnnpack in settings:
-            predictor = inference.load_predictor(path, num_threads=count, xnnpack=xnnpack is not False)
+            predictor = predictors.load_predictor(path, num_threads=count, xnnpack=xnnpack is not False)
             row = {"backbone": config["backbone"], "format": name,
                    "size_mb": None if size_bytes is None else size_bytes / 1e6,
                    "network_input": list(network_size or (predictor.input_width, predictor.input_height)),

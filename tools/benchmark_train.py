@@ -8,7 +8,7 @@ Each measurement ("case") runs in its own Python process, so its peak resident m
 and no case inherits another's threads, caches or compiled functions. A case is a name, `BASE[+MODIFIER...]`:
 
 training steps (one batch of real benchmark images, held in memory and fed again every step):
-- `source_only`, `minent`, `pit`: the methods, as `pit_keras.training.build_trainer` builds them;
+- `source_only`, `minent`, `pit`: the methods, as `pit_keras.training.runner.build_trainer` builds them;
 - `reference`: the two-domain forward: source and target through the backbone and the fine head, L_f only (the
   target's fine logits are computed, but no gradient flows back through them);
 - `reference_bwd`: the same, with a backward pass through the target too (a zero-weighted term on the target's
@@ -30,7 +30,7 @@ network: the batch for source_only, source + target for the others.
 other cases:
 - `ablation`: reference, reference_bwd, pit, pit_no_lc and pit_no_lr built in one process and stepped in turn,
   so that a load that comes and goes weighs on all of them alike (their small differences are PIT's parts);
-- `pipeline`, `pipeline+cached`: the training input pipeline alone (`training.build_dataset`: decode, resize,
+- `pipeline`, `pipeline+cached`: the training input pipeline alone (`runner.build_dataset`: decode, resize,
   shuffle, batch, zip, prefetch), images per second (source + target) over windows of `--pipeline_window`
   batches, median over `--repeats` windows;
 - `inference`: latency of one image through the exported fine branch of a PIT network
@@ -158,7 +158,7 @@ def base_config(args, method):
 # === One case, in this process ===
 
 def compile_like_build_trainer(trainer, config):
-    """Compiles a trainer built here with the optimizer `training.build_trainer` gives a run."""
+    """Compiles a trainer built here with the optimizer `runner.build_trainer` gives a run."""
     import keras
 
     from pit_keras.models.network import interaction_weights
@@ -173,7 +173,7 @@ def compile_like_build_trainer(trainer, config):
 
 
 def trainer_kwargs(config):
-    """The `PITTrainer` arguments `training.build_trainer` takes from a config."""
+    """The `PITTrainer` arguments `runner.build_trainer` takes from a config."""
     keys = ("method", "lse_r", "lse_normalize", "lambda_c", "lambda_r", "lambda_ent", "recon_domains",
             "loss_resolution", "interaction_lr_multiplier", "image_loss_reduction")
     return {k: config[k] for k in keys}
@@ -185,7 +185,7 @@ def make_reference_trainer(network, config, backward):
     import tensorflow as tf
 
     from pit_keras import losses
-    from pit_keras.trainer import PITTrainer
+    from pit_keras.training.trainer import PITTrainer
 
     class TwoDomainReference(PITTrainer):
         @property
@@ -219,7 +219,7 @@ def make_joint_forward_trainer(network, config):
     import tensorflow as tf
 
     from pit_keras import losses
-    from pit_keras.trainer import PITTrainer
+    from pit_keras.training.trainer import PITTrainer
 
     units = len(config["lse_r"])
     heads = {"seg_feat": "fine_head", **{f"cam_{k}_feat": f"coarse_head_{k}" for k in range(units)}}
@@ -248,16 +248,16 @@ _DOMAINS = {}
 
 
 def pit_domains(args):
-    """File lists and target image labels of a PIT run on the benchmark (`training.load_domains`), read once."""
+    """File lists and target image labels of a PIT run on the benchmark (`runner.load_domains`), read once."""
     import types
 
-    from pit_keras import training
+    from pit_keras.training import runner
     from pit_keras.data import datasets
 
     if not os.path.isdir(os.path.join(args.data_root, "gta5")):
         datasets.benchmark_roots(args.data_root)  # generates the embedded benchmark on first use
     if args.data_root not in _DOMAINS:
-        _DOMAINS[args.data_root] = training.load_domains(base_config(args, "pit"),
+        _DOMAINS[args.data_root] = runner.load_domains(base_config(args, "pit"),
                                                          types.SimpleNamespace(uses_target=True))
     return _DOMAINS[args.data_root]
 
@@ -266,11 +266,11 @@ def training_data(args, config, case, domains):
     """The dataset a training case is fed: the real pipeline, or one real batch repeated from memory."""
     import tensorflow as tf
 
-    from pit_keras import training
+    from pit_keras.training import runner
 
     if case["pipeline"]:
-        return training.build_dataset({**config, "cache_images": case["cached"]}, domains, args.batch_size)
-    batch = next(iter(training.build_dataset(config, domains, args.batch_size)))
+        return runner.build_dataset({**config, "cache_images": case["cached"]}, domains, args.batch_size)
+    batch = next(iter(runner.build_dataset(config, domains, args.batch_size)))
     return tf.data.Dataset.from_tensors(batch).repeat()
 
 
@@ -280,7 +280,7 @@ class TrainingSteps:
     def __init__(self, args, case):
         import keras
 
-        from pit_keras import training
+        from pit_keras.training import runner
         from pit_keras.models.network import build_network
 
         method, overrides, units, _ = TRAIN_BASES[case["base"]]
@@ -297,7 +297,7 @@ class TrainingSteps:
         elif case["joint"]:
             trainer = make_joint_forward_trainer(self.network, config)
         else:
-            trainer = training.build_trainer(config, self.network)
+            trainer = runner.build_trainer(config, self.network)
         self.spe = case["steps_per_execution"]
         if self.spe != 1:
             trainer.compile(optimizer=trainer.optimizer, jit_compile=case["xla"], steps_per_execution=self.spe)

@@ -53,7 +53,7 @@ BACKGROUND = (255, 255, 255)
 
 def load_run(model_dir):
     """`(config, network)` of a run folder: the network rebuilt from run.json with the newest checkpoint."""
-    from pit_keras import checkpoints
+    from pit_keras.training import checkpoints
     from pit_keras.models.network import build_network
 
     config = checkpoints.read_run_config(model_dir)
@@ -100,7 +100,7 @@ def network_outputs(network, image, label_shape):
 
 
 def image_miou(label, prediction, num_classes):
-    from pit_keras import metrics
+    from pit_keras.evaluation import metrics
 
     matrix = metrics.ConfusionMatrix(num_classes)
     matrix.update(label, prediction)
@@ -192,7 +192,7 @@ def figure2(runs, pairs, reader, indices, class_set):
 
 def pick_classes(label, class_set, preferred, count):
     """Classes present in the label: the preferred ones first, then the largest by pixel share."""
-    from pit_keras.data import soft_labels
+    from pit_keras.adaptation import soft_labels
 
     shares = soft_labels.shares(label, class_set.num_classes)
     chosen = [class_set.names.index(n) for n in preferred if shares[class_set.names.index(n)] > 0][:count]

@@ -431,8 +431,9 @@ def read_target_truth_shares(output_dir, seed, kind="regressor"):
     if not os.path.isfile(path):
         return None
     # Imported only when there is something to measure: these pull in TensorFlow.
-    from pit_keras import regressor
-    from pit_keras.data import datasets, soft_labels
+    from pit_keras.adaptation import regressor
+    from pit_keras.data import datasets
+    from pit_keras.adaptation import soft_labels
     from pit_keras.data.cityscapes import relative_key
 
     with open(path) as f:

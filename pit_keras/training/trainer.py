@@ -27,7 +27,8 @@ import dataclasses
 import keras
 import tensorflow as tf
 
-from pit_keras import losses, self_training
+from pit_keras import losses
+from pit_keras.adaptation import self_training
 from pit_keras.models.network import head_variables, interaction_weights
 
 METHODS = ("pit", "source_only", "minent")
@@ -41,7 +42,7 @@ LABEL_CONFIDENCES = self_training.LABEL_CONFIDENCES
 
 @dataclasses.dataclass(frozen=True)
 class SelfTraining:
-    """Self-training settings (`self_training.py`).
+    """Self-training settings (`pit_keras/adaptation/self_training.py`).
 
     Args:
         weight: lambda_st, the weight of the self-training term once ramped in.

@@ -27,8 +27,10 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pit_keras import atomic, checkpoints
-from pit_keras.data import cityscapes, datasets, pipeline, soft_labels
+from pit_keras import atomic
+from pit_keras.training import checkpoints
+from pit_keras.data import cityscapes, datasets, pipeline
+from pit_keras.adaptation import soft_labels
 from pit_keras.errors import UserError
 from pit_keras.models.network import build_network, fine_segmenter
 

@@ -11,7 +11,8 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pit_keras import atomic, console, self_training, visualize
+from pit_keras import atomic, console, visualize
+from pit_keras.adaptation import self_training
 from pit_keras.errors import Diverged, Interrupted, UserError
 from pit_keras.models.network import interaction_weights
 

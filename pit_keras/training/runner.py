@@ -14,12 +14,18 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pit_keras import atomic, callbacks, checkpoints, distribute, evaluation, metrics
-from pit_keras.data import classes, datasets, integrity, pipeline, soft_labels
+from pit_keras import atomic
+from pit_keras.training import callbacks
+from pit_keras.training import checkpoints
+from pit_keras.training import distribute
+from pit_keras.evaluation import scoring
+from pit_keras.evaluation import metrics
+from pit_keras.data import classes, datasets, integrity, pipeline
+from pit_keras.adaptation import soft_labels
 from pit_keras.data.cityscapes import relative_key
 from pit_keras.errors import UserError
 from pit_keras.models.network import build_network, interaction_weights
-from pit_keras.trainer import PITTrainer, SelfTraining
+from pit_keras.training.trainer import PITTrainer, SelfTraining
 
 TEACHER_LABELS = "teacher"  # --image_labels value: PIT's target image labels from the self-training teacher
 
@@ -297,7 +303,7 @@ def evaluate_run(config, network, model_dir, class_set, split="val"):
     except UserError as err:  # a target without val labels is normal in UDA
         print(f"not evaluated: {err}")
         return None
-    result = evaluation.evaluate(network, pairs, reader, class_set, config["target_size"])
+    result = scoring.evaluate(network, pairs, reader, class_set, config["target_size"])
     result["checkpoint"] = os.path.basename(checkpoints.latest_checkpoint(model_dir) or "")
     print(metrics.format_table(result))
     print(f"target {split} mIoU: {result['miou']:.2f} ({result['num_images']} images, last checkpoint)")
@@ -332,5 +338,5 @@ def validation_callback(config, network, model_dir, class_set, every):
         return None
     best = checkpoints.manager(network, None, model_dir, max_to_keep=1, folder="best")
     return callbacks.Validation(
-        lambda: evaluation.evaluate(network, pairs, reader, class_set, config["target_size"], progress=False),
+        lambda: scoring.evaluate(network, pairs, reader, class_set, config["target_size"], progress=False),
         best, os.path.join(model_dir, "logs"), every)

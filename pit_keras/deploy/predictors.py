@@ -120,7 +120,7 @@ def load_segmenter(model_dir, aspp_implementation="matmul"):
         `(segmenter, config, checkpoint path)`; the segmenter maps float RGB `[B, H, W, 3]` in [0, 255] to
         logits at the input size, without the coarse units.
     """
-    from pit_keras import checkpoints
+    from pit_keras.training import checkpoints
     from pit_keras.models.network import build_network, fine_segmenter
 
     config = checkpoints.read_run_config(model_dir)
@@ -299,7 +299,7 @@ def load_predictor(path, num_threads=None, xnnpack=True):
     Raises:
         UserError: if the path is none of these.
     """
-    from pit_keras import checkpoints
+    from pit_keras.training import checkpoints
 
     if os.path.isfile(path) and path.endswith(".tflite"):
         return TFLitePredictor(path, _class_set_of(path), num_threads=num_threads, xnnpack=xnnpack)

@@ -13,7 +13,7 @@ import sys
 import numpy as np
 from PIL import Image, UnidentifiedImageError
 
-from pit_keras import metrics
+from pit_keras.evaluation import metrics
 from pit_keras.data import classes
 from pit_keras.data import folder as folder_layout
 from pit_keras.data.cityscapes import IMAGE_SUFFIX
@@ -245,7 +245,7 @@ def predictions_confusion(pairs, reader, prediction_paths, space, progress=True)
 
 
 def predictor_confusion(predictor, pairs, reader, space, progress=True):
-    """The confusion matrix of a deployed model (`inference.Predictor`: SavedModel or .tflite) on (image,
+    """The confusion matrix of a deployed model (`predictors.Predictor`: SavedModel or .tflite) on (image,
     label) pairs; its labels come at the image's size and are brought to the label's by nearest neighbour
     when the two differ.
 
@@ -256,12 +256,12 @@ def predictor_confusion(predictor, pairs, reader, space, progress=True):
     Returns:
         A filled `metrics.ConfusionMatrix` over `space.class_set`.
     """
-    from pit_keras import inference
+    from pit_keras.deploy import predictors
 
     matrix = metrics.ConfusionMatrix(space.class_set.num_classes)
     for index, (image_path, label_path) in enumerate(pairs, start=1):
         label = reader(label_path)
-        prediction = np.asarray(predictor(inference.read_image(image_path)))
+        prediction = np.asarray(predictor(predictors.read_image(image_path)))
         if prediction.shape != label.shape:
             rows = (np.arange(label.shape[0]) * prediction.shape[0] // label.shape[0])[:, None]
             cols = (np.arange(label.shape[1]) * prediction.shape[1] // label.shape[1])[None, :]

@@ -29,7 +29,9 @@ import os
 import shutil
 import tempfile
 
-from pit_keras import atomic, console, inference, mediapipe_metadata
+from pit_keras import atomic, console
+from pit_keras.deploy import predictors
+from pit_keras.deploy import mediapipe_metadata
 from pit_keras.data import classes
 from pit_keras.errors import UserError
 
@@ -59,7 +61,7 @@ def tflite_function(segmenter):
 
     The network runs at the input size itself (no resize inside except its own bilinear upsampling of the logits,
     `tf.image.resize`: RESIZE_BILINEAR with half-pixel centres, not align_corners). There is no argmax: the
-    client (MediaPipe's task, `inference.TFLitePredictor`) takes it.
+    client (MediaPipe's task, `predictors.TFLitePredictor`) takes it.
 
     Args:
         segmenter: a Keras model from float RGB in [0, 255] to logits.
@@ -155,8 +157,8 @@ def configure_converter(converter, variant, calibration):
 
 
 def save_saved_model(segmenter, target_size, path):
-    """Writes the serving SavedModel (`inference.serving_function`, images of any size) to `path`."""
-    write_saved_model(segmenter, inference.serving_function(segmenter, target_size), inference.serving_signature(),
+    """Writes the serving SavedModel (`predictors.serving_function`, images of any size) to `path`."""
+    write_saved_model(segmenter, predictors.serving_function(segmenter, target_size), predictors.serving_signature(),
                       path)
 
 
@@ -197,7 +199,7 @@ def build_metadata(model_dir, config, checkpoint, saved_model, tflite_size, tfli
             "backbone's own "
             "normalisation is part of the graph, so clients send plain pixels."),
         "saved_model": {
-            "path": os.path.join(inference.SAVED_MODEL_SUBDIR, str(SAVED_MODEL_VERSION)),
+            "path": os.path.join(predictors.SAVED_MODEL_SUBDIR, str(SAVED_MODEL_VERSION)),
             "signature": "serving_default",
             "input": {"name": "images", "dtype": "uint8", "shape": ["batch", "H", "W", 3]},
             "resized_to": [target_width, target_height],
@@ -222,7 +224,7 @@ def build_metadata(model_dir, config, checkpoint, saved_model, tflite_size, tfli
         } if tflite_variants else None,
         "training_run": {"model_dir": os.path.abspath(model_dir), "config": config},
         "checkpoint": os.path.basename(checkpoint),
-        "checkpoint_step": inference.checkpoint_step(checkpoint),
+        "checkpoint_step": predictors.checkpoint_step(checkpoint),
         "files": files,
     }
 
@@ -231,7 +233,7 @@ def _export_files(output_dir):
     """The files `metadata.json` lists (relative paths) if `output_dir` holds an export this module wrote, or
     None."""
     try:
-        with open(os.path.join(output_dir, inference.METADATA_FILE)) as f:
+        with open(os.path.join(output_dir, predictors.METADATA_FILE)) as f:
             metadata = json.load(f)
     except (OSError, ValueError):
         return None
@@ -265,7 +267,7 @@ def check_output_dir(output_dir, overwrite):
     for root, _, names in os.walk(output_dir):
         for name in sorted(names):
             relative = os.path.relpath(os.path.join(root, name), output_dir)
-            if relative != inference.METADATA_FILE and relative not in listed:
+            if relative != predictors.METADATA_FILE and relative not in listed:
                 raise UserError(f"--output_dir={output_dir} holds an export and also {relative}, which that "
                                 "export did not write, so it is not replaced, --overwrite or not; move that file "
                                 "or choose another folder.")
@@ -299,7 +301,7 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
     # The exported graph holds ASPP heads as their four dilated convolutions (builtin CONV_2D, quantized per output
     # channel, run whole by int8 accelerators and delegates), not as the training's matrix product, whose 33 taps
     # would share one int8 scale and leave float ops between int8 ones (label agreement 97.9% against 98.8%).
-    segmenter, config, checkpoint = inference.load_segmenter(model_dir, aspp_implementation="conv")
+    segmenter, config, checkpoint = predictors.load_segmenter(model_dir, aspp_implementation="conv")
     tflite_size = tuple(tflite_size or config["target_size"])
     parent, name = os.path.split(output_dir)
     os.makedirs(parent, exist_ok=True)
@@ -310,7 +312,7 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
     try:
         if SAVED_MODEL in formats:
             save_saved_model(segmenter, config["target_size"],
-                             os.path.join(staging, inference.SAVED_MODEL_SUBDIR, str(SAVED_MODEL_VERSION)))
+                             os.path.join(staging, predictors.SAVED_MODEL_SUBDIR, str(SAVED_MODEL_VERSION)))
             log(f"wrote the SavedModel ({checkpoint})")
         variants = [v for v in TFLITE_VARIANTS if v in formats]
         if mediapipe is None:
@@ -331,7 +333,7 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
                 f"{', with MediaPipe metadata' if mediapipe else ''})")
         metadata = build_metadata(model_dir, config, checkpoint, SAVED_MODEL in formats, tflite_size, variants,
                                   len(calibration) if calibration else 0, file_sizes(staging), mediapipe=mediapipe)
-        atomic.write_json_atomic(os.path.join(staging, inference.METADATA_FILE), metadata)
+        atomic.write_json_atomic(os.path.join(staging, predictors.METADATA_FILE), metadata)
         check_output_dir(output_dir, overwrite)  # again: the folder may have changed while exporting
         replace_folder(staging, output_dir)
     except BaseException:

@@ -1,0 +1,1 @@
+"""Evaluation: confusion-matrix metrics, scoring a network or saved predictions, results files."""
