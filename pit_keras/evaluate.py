@@ -141,7 +141,7 @@ def main(argv):
                         "or --predictions_dir (saved PNGs).")
     if not FLAGS.predictions_dir and FLAGS["prediction_classes"].present:
         raise UserError("--prediction_classes applies to --predictions_dir only; a model predicts its own classes.")
-    from pit_keras.evaluation import metrics
+    from pit_keras.evaluation import metrics, reports
 
     if FLAGS.model_dir:
         result, space, output, target = score_run()
@@ -150,8 +150,8 @@ def main(argv):
     else:
         result, space, output, target = score_deployed(FLAGS.saved_model or FLAGS.tflite)
     result.update({"num_classes": space.num_classes, "target": target, "split": FLAGS.split})
-    written = metrics.write_results(result, FLAGS.output or output)
-    print(metrics.format_table(result))
+    written = reports.write_results(result, FLAGS.output or output)
+    print(reports.format_table(result))
     headline = "mIoU*" if space.num_classes == 13 else "mIoU"
     print(f"{headline} {metrics.select_miou(result, space.num_classes):.2f} ({space.num_classes} classes) over "
           f"{result['num_images']} images of {target} {FLAGS.split} "

@@ -68,13 +68,13 @@ def main(argv):
     config = parse_config()
     output = os.path.expanduser(FLAGS.output)
     os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
-    from pit_keras.adaptation import regressor
+    from pit_keras.adaptation import features, regressor
     from pit_keras.adaptation import soft_labels
 
     result = regressor.estimate_target_labels(**config)
     soft_labels.write_json(output, result["keys"], result["labels"])
-    origin = (f"predicted by {config['model_dir']}" if config["features"] in (regressor.PREDICTION_FEATURES,
-                                                                               regressor.SOFT_PREDICTION_FEATURES)
+    origin = (f"predicted by {config['model_dir']}" if config["features"] in (features.PREDICTION_FEATURES,
+                                                                               features.SOFT_PREDICTION_FEATURES)
               else f"regressor trained on {result['num_source']} source images")
     print(f"wrote image-level labels of {result['num_target']} target images ({config['num_classes']} classes, "
           f"{origin}) to {output}")
@@ -84,8 +84,8 @@ def main(argv):
         return
     print(f"distance to the true shares of {report['num_images']} labelled target images (lower is better):")
     print(f"  {'estimate':20} {'chi-squared':>12} {'L1':>8}")
-    estimate = ("predictions" if config["features"] in (regressor.PREDICTION_FEATURES,
-                                                         regressor.SOFT_PREDICTION_FEATURES) else "regressor")
+    estimate = ("predictions" if config["features"] in (features.PREDICTION_FEATURES,
+                                                         features.SOFT_PREDICTION_FEATURES) else "regressor")
     for name in ("regressor", "source-mean prior", "uniform prior"):
         print(f"  {estimate if name == 'regressor' else name:20} {report[name]['chi2']:>12.4f} "
               f"{report[name]['l1']:>8.4f}")

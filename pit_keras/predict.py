@@ -19,6 +19,7 @@ import time
 from absl import flags
 
 from pit_keras import flags as pit_flags
+from pit_keras.data import images as image_files
 from pit_keras.deploy import predictors
 from pit_keras.deploy import video
 from pit_keras.errors import UserError, run_main
@@ -49,10 +50,10 @@ def main(argv):
               f"{frames / seconds:.1f} frames per second ({frames / model_seconds:.1f} in the model alone); "
               f"wrote {output}")
         return
-    images = predictors.list_images(FLAGS.input, exclude=FLAGS.output_dir)
+    images = image_files.list_images(FLAGS.input, exclude=FLAGS.output_dir)
     if os.path.isfile(FLAGS.input):
-        predictors.read_image(FLAGS.input)  # one image: refused before the model loads, in its own words
-    names = predictors.output_names(images, FLAGS.input)
+        image_files.read_image(FLAGS.input)  # one image: refused before the model loads, in its own words
+    names = image_files.output_names(images, FLAGS.input)
     predictor = predictors.load_predictor(FLAGS.model)
     start = time.perf_counter()
     _, failed = predictors.predict_files(predictor, images, FLAGS.output_dir, alpha=FLAGS.overlay_alpha,

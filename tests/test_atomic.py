@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import REPO
 from pit_keras import atomic
-from pit_keras.evaluation import metrics
+from pit_keras.evaluation import metrics, reports
 from pit_keras.adaptation import soft_labels
 
 
@@ -175,7 +175,7 @@ def test_an_unserializable_payload_keeps_the_old_file(tmp_path):
 @pytest.mark.parametrize("mask, expected", [(0o022, 0o644), (0o077, 0o600), (0o002, 0o664)])
 def test_permissions_follow_the_umask(tmp_path, mask, expected):
     with umask(mask):
-        metrics.write_json({"miou": 1.0}, tmp_path / "eval.json")
+        reports.write_json({"miou": 1.0}, tmp_path / "eval.json")
         atomic.write_text_atomic(tmp_path / "text.txt", "x")
         atomic.atomic_write(tmp_path / "a.npz", lambda tmp: np.savez(tmp, x=np.zeros(1)), suffix=".npz")
     assert mode(tmp_path / "eval.json") == expected
@@ -192,7 +192,7 @@ def test_metrics_write_json_failing_midway_keeps_the_old_file(tmp_path, monkeypa
 
     monkeypatch.setattr(metrics.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="No space left"):
-        metrics.write_json({"miou": 1.0}, path)
+        reports.write_json({"miou": 1.0}, path)
     assert path.read_text() == "old"
     assert names(tmp_path) == ["eval.json"]
 

@@ -170,20 +170,20 @@ def test_cache_images_feeds_a_run_the_same_source_and_target_batches(tiny_benchm
 
 
 def test_cache_images_is_refused_when_the_decoded_images_would_not_fit(tiny_benchmark, capsys, monkeypatch):
-    from pit_keras.training import runner
+    from pit_keras.data import memory
     from pit_keras.errors import UserError
 
     pairs = gta5.list_pairs(str(tiny_benchmark / "gta5"))
     domains = {"source": (pairs, gta5.read_train_ids), "target": ([image for image, _ in pairs], None)}
     width, height = Image.open(pairs[0][0]).size
     needed = len(pairs) * width * height * (4 + 3)
-    assert runner.cache_footprint(domains) == pytest.approx(needed)
-    runner.check_cache_fits(domains, available=2 * needed)
+    assert memory.cache_footprint(domains) == pytest.approx(needed)
+    memory.check_cache_fits(domains, available=2 * needed)
     assert f"about {needed / 1e6:.0f} MB" in capsys.readouterr().out
     with pytest.raises(UserError, match=r"^--cache_images: the decoded training images need about .* GB, more "
                                          r"than the .* GB of memory available"):
-        runner.check_cache_fits(domains, available=needed)
-    runner.check_cache_fits(domains, available=needed, shards=2)  # each of two workers keeps half
-    monkeypatch.setattr(runner, "available_memory", lambda: None)
-    runner.check_cache_fits(domains)
+        memory.check_cache_fits(domains, available=needed)
+    memory.check_cache_fits(domains, available=needed, shards=2)  # each of two workers keeps half
+    monkeypatch.setattr(memory, "available_memory", lambda: None)
+    memory.check_cache_fits(domains)
     assert "(not checked: the available memory could not be read)" in capsys.readouterr().out

@@ -57,10 +57,10 @@ def keras_predictor(model_dir):
 @pytest.fixture(scope="module")
 def target_images(tiny_benchmark):
     """The benchmark's target images (train and val) at 64x32, as uint8 RGB."""
-    from pit_keras.deploy import predictors
+    from pit_keras.data import images
 
     paths = sorted(str(p) for p in (tiny_benchmark / "cityscapes" / "leftImg8bit").rglob("*.png"))
-    return [predictors.read_image(p) for p in paths]
+    return [images.read_image(p) for p in paths]
 
 
 def agreement(predictor, reference, images):
@@ -301,19 +301,19 @@ def huge_png_header(path, width, height):
 
 
 def test_predict_refuses_huge_images_and_names_bad_paths(exported, tmp_path):
-    from pit_keras.deploy import predictors
+    from pit_keras.data import images
     from pit_keras.errors import UserError
 
     output, _ = exported
     huge_png_header(tmp_path / "huge.png", 10000, 6000)
     with pytest.raises(UserError, match="10000x6000 \\(60 MP\\), over the 50 MP limit"):
-        predictors.read_image(str(tmp_path / "huge.png"))
+        images.read_image(str(tmp_path / "huge.png"))
     (tmp_path / "broken.png").write_bytes(b"not an image")
     with pytest.raises(UserError, match="broken.png: not a readable image"):
-        predictors.read_image(str(tmp_path / "broken.png"))
+        images.read_image(str(tmp_path / "broken.png"))
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty: the folder holds no .png"):
-        predictors.list_images(str(tmp_path / "empty"))
+        images.list_images(str(tmp_path / "empty"))
     result = run("predict", f"--model={tmp_path / 'nowhere'}", f"--input={tmp_path}",
                  f"--output_dir={tmp_path / 'out'}", timeout=60)
     assert result.returncode == 2 and "Traceback" not in result.stderr

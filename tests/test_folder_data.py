@@ -14,7 +14,7 @@ from PIL import Image
 
 from conftest import REPO
 from pit_keras.evaluation import scoring
-from pit_keras.data import classes, datasets, folder
+from pit_keras.data import datasets
 from pit_keras.errors import UserError
 
 # Raw ids of the source's label PNGs (a simulator's own tags) and the map to train ids; 9 and 200 stay unmapped.

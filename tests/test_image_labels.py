@@ -16,7 +16,7 @@ import tensorflow as tf
 from sklearn.metrics.pairwise import additive_chi2_kernel
 
 from conftest import REPO
-from pit_keras.adaptation import regressor
+from pit_keras.adaptation import features as image_features, regressor
 from pit_keras.data import cityscapes, gta5
 from pit_keras.adaptation import soft_labels
 from pit_keras.errors import UserError
@@ -68,7 +68,7 @@ def test_regressor_starts_at_the_source_prior_and_learns_soft_shares():
 @pytest.fixture(scope="module")
 def small_extractor():
     keras.utils.set_random_seed(0)
-    return regressor.feature_extractor("MobileNetV3Small", None, (64, 32))
+    return image_features.feature_extractor("MobileNetV3Small", None, (64, 32))
 
 
 def test_standardized_features_undo_a_shift_and_scaling_between_the_domains():
@@ -76,19 +76,19 @@ def test_standardized_features_undo_a_shift_and_scaling_between_the_domains():
     source = rng.normal(size=(50, 4))
     source[:, 3] = 7.0  # a constant dimension
     target = source[::-1] * np.array([3.0, 0.5, 2.0, 1.0]) + np.array([5.0, -1.0, 0.0, 2.0])
-    aligned_source, aligned_target = regressor.align_features(source, target, "standardize")
+    aligned_source, aligned_target = image_features.align_features(source, target, "standardize")
     np.testing.assert_allclose(aligned_target, aligned_source[::-1], atol=1e-6)
     np.testing.assert_allclose(aligned_source.mean(axis=0), 0.0, atol=1e-6)
     np.testing.assert_allclose(aligned_source.std(axis=0), [1, 1, 1, 0], atol=1e-6)
-    unchanged = regressor.align_features(source, target, "none")
+    unchanged = image_features.align_features(source, target, "none")
     assert unchanged[0] is source and unchanged[1] is target
     with pytest.raises(ValueError, match="coral"):
-        regressor.align_features(source, target, "coral")
+        image_features.align_features(source, target, "coral")
 
 
 def test_features_are_cached_once_per_key(small_extractor, tiny_benchmark, tmp_path, monkeypatch):
     paths = [i for i, _ in gta5.list_pairs(str(tiny_benchmark / "gta5"))]
-    first, path, hit = regressor.cached_features(small_extractor, paths, (64, 32), str(tmp_path), progress=False)
+    first, path, hit = image_features.cached_features(small_extractor, paths, (64, 32), str(tmp_path), progress=False)
     assert not hit and first.shape == (len(paths), 576) and os.path.isfile(path)
     with np.load(path, allow_pickle=False) as stored:
         np.testing.assert_array_equal(stored["features"], first)
@@ -98,15 +98,15 @@ def test_features_are_cached_once_per_key(small_extractor, tiny_benchmark, tmp_p
     np.testing.assert_allclose(first[1], eager[0], rtol=1e-4, atol=1e-5)
 
     monkeypatch.setattr(regressor, "compute_features", lambda *a, **k: pytest.fail("recomputed a cached key"))
-    again, again_path, hit = regressor.cached_features(small_extractor, paths, (64, 32), str(tmp_path),
+    again, again_path, hit = image_features.cached_features(small_extractor, paths, (64, 32), str(tmp_path),
                                                        progress=False)
     assert hit and again_path == path
     np.testing.assert_array_equal(again, first)
     # Another image list, size or weights is another key.
-    keys = {regressor.cache_key(small_extractor, paths, (64, 32)),
-            regressor.cache_key(small_extractor, paths[:-1], (64, 32)),
-            regressor.cache_key(small_extractor, paths, (32, 32)),
-            regressor.cache_key(regressor.FeatureExtractor(None, None, {**small_extractor.key, "weights": "imagenet"}),
+    keys = {image_features.cache_key(small_extractor, paths, (64, 32)),
+            image_features.cache_key(small_extractor, paths[:-1], (64, 32)),
+            image_features.cache_key(small_extractor, paths, (32, 32)),
+            image_features.cache_key(image_features.FeatureExtractor(None, None, {**small_extractor.key, "weights": "imagenet"}),
                                 paths, (64, 32))}
     assert len(keys) == 4
 
@@ -116,9 +116,9 @@ def test_backbone_features_of_a_trained_run(tiny_benchmark, tmp_path):
     tf.train.Checkpoint(network=network).save(str(tmp_path / "checkpoints" / "ckpt"))
     (tmp_path / "run.json").write_text(json.dumps({"backbone": "tiny", "num_classes": 19, "method": "pit",
                                                    "lse_r": [0.5, 1, 1.5]}))
-    extractor = regressor.feature_extractor("backbone", None, (64, 32), model_dir=str(tmp_path))
+    extractor = image_features.feature_extractor("backbone", None, (64, 32), model_dir=str(tmp_path))
     paths = [i for i, _ in gta5.list_pairs(str(tiny_benchmark / "gta5"))][:2]
-    features = regressor.compute_features(extractor, paths, (64, 32), progress=False)
+    features = image_features.compute_features(extractor, paths, (64, 32), progress=False)
     image = tf.image.resize(tf.cast(tf.io.decode_png(tf.io.read_file(paths[0]), 3), tf.float32), (32, 64))[None]
     backbone = network.get_layer("tiny")
     expected = tf.reduce_mean(backbone(image, training=False), axis=(1, 2)).numpy()[0]
@@ -126,11 +126,11 @@ def test_backbone_features_of_a_trained_run(tiny_benchmark, tmp_path):
     assert extractor.key["checkpoint"]
 
     with pytest.raises(UserError, match="--features=backbone needs --model_dir"):
-        regressor.feature_extractor("backbone", None, (64, 32))
+        image_features.feature_extractor("backbone", None, (64, 32))
     with pytest.raises(UserError, match="--features=Resnet9 is not a keras.applications model"):
-        regressor.feature_extractor("Resnet9", None, (64, 32))
+        image_features.feature_extractor("Resnet9", None, (64, 32))
     with pytest.raises(UserError, match="--image_size=64,32 does not suit --features=InceptionResNetV2"):
-        regressor.feature_extractor("InceptionResNetV2", None, (64, 32))
+        image_features.feature_extractor("InceptionResNetV2", None, (64, 32))
 
 
 def test_predicted_shares_of_a_trained_run(tiny_benchmark, tmp_path):
@@ -209,9 +209,9 @@ def test_whitening_gives_identity_covariance_per_domain():
     source = rng.normal(size=(400, 4)) * [1.0, 2.0, 3.0, 4.0] @ rotations[0] + 3.0
     target = rng.normal(size=(300, 4)) * [20.0, 5.0, 10.0, 15.0] @ rotations[1] - 1.0  # another mean, scale, rotation
     for exact in (True, False):
-        shrinkage = 0.0 if exact else regressor.WHITEN_SHRINKAGE
+        shrinkage = 0.0 if exact else image_features.WHITEN_SHRINKAGE
         for x in (source, target):
-            white = regressor.whiten(x, shrinkage=shrinkage)
+            white = image_features.whiten(x, shrinkage=shrinkage)
             covariance = np.cov(white, rowvar=False, bias=True)
             np.testing.assert_allclose(white.mean(axis=0), 0.0, atol=1e-5)
             values = np.linalg.eigvalsh(x.T @ x - len(x) * np.outer(x.mean(0), x.mean(0)))
@@ -221,11 +221,11 @@ def test_whitening_gives_identity_covariance_per_domain():
             # ZCA: the symmetric whitening matrix, the one that moves the features least.
             matrix = np.linalg.lstsq(x - x.mean(axis=0), white, rcond=None)[0]
             np.testing.assert_allclose(matrix, matrix.T, atol=1e-5)
-    aligned_source, aligned_target = regressor.align_features(source, target, "whiten")
+    aligned_source, aligned_target = image_features.align_features(source, target, "whiten")
     np.testing.assert_allclose(np.cov(aligned_target, rowvar=False, bias=True), np.eye(4), atol=0.02)
     np.testing.assert_allclose(np.cov(aligned_source, rowvar=False, bias=True), np.eye(4), atol=0.02)
     # A direction without variance stays zero instead of being blown up.
-    flat = regressor.whiten(np.concatenate([source[:, :3], np.full((400, 1), 7.0)], axis=1), shrinkage=0.0)
+    flat = image_features.whiten(np.concatenate([source[:, :3], np.full((400, 1), 7.0)], axis=1), shrinkage=0.0)
     np.testing.assert_allclose(flat[:, 3], 0.0, atol=1e-6)
     np.testing.assert_allclose(np.cov(flat[:, :3], rowvar=False, bias=True), np.eye(3), atol=1e-5)
 
@@ -270,45 +270,45 @@ def test_adabn_features_normalise_each_batch_with_its_own_moments(tiny_run, tiny
     run_dir, network = tiny_run
     backbone = network.get_layer("tiny")
     paths = [i for i, _ in gta5.list_pairs(str(tiny_benchmark / "gta5"))]
-    adabn = regressor.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir),
+    adabn = image_features.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir),
                                         feature_alignment="adabn")
-    running = regressor.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir))
-    assert adabn.batch_statistics and adabn.batch_size == regressor.ADABN_BATCH_SIZE == 16
+    running = image_features.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir))
+    assert adabn.batch_statistics and adabn.batch_size == image_features.ADABN_BATCH_SIZE == 16
     stored = [v.numpy().copy() for v in adabn.model.variables]
     files = adabn.key["checkpoint"]
 
-    features = regressor.compute_features(adabn, paths, (64, 32), progress=False)  # 6 images: one batch
+    features = image_features.compute_features(adabn, paths, (64, 32), progress=False)  # 6 images: one batch
     images = load_images(paths)
     np.testing.assert_allclose(features, batch_normalised_features(backbone, images), rtol=1e-4, atol=1e-5)
-    plain = regressor.compute_features(running, paths, (64, 32), progress=False)
+    plain = image_features.compute_features(running, paths, (64, 32), progress=False)
     np.testing.assert_allclose(plain, tf.reduce_mean(backbone(images, training=False), axis=[1, 2]), rtol=1e-4,
                                atol=1e-5)
     assert np.abs(features - plain).max() > 0.1
     # No stored variable moved: not the extractor's moving statistics, not the checkpoint's files.
     for before, variable in zip(stored, adabn.model.variables):
         np.testing.assert_array_equal(variable.numpy(), before)
-    assert regressor.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir)).key["checkpoint"] == files
+    assert image_features.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir)).key["checkpoint"] == files
 
     # Smaller batches: each image is normalised with the moments of its own (shuffled, evenly split) batch.
-    batches = regressor.adabn_batches(len(paths), 4)
+    batches = image_features.adabn_batches(len(paths), 4)
     assert sorted(len(b) for b in batches) == [3, 3] and sorted(np.concatenate(batches)) == list(range(6))
-    split = regressor.compute_features(dataclasses.replace(adabn, batch_size=4), paths, (64, 32), progress=False)
+    split = image_features.compute_features(dataclasses.replace(adabn, batch_size=4), paths, (64, 32), progress=False)
     for batch in batches:
         np.testing.assert_allclose(split[batch], batch_normalised_features(backbone, tf.gather(images, batch)),
                                    rtol=1e-4, atol=1e-5)
     assert np.abs(split - features).max() > 1e-3
     with pytest.raises(ValueError, match="batches of 16"):
-        regressor.compute_features(adabn, paths, (64, 32), batch_size=8)
+        image_features.compute_features(adabn, paths, (64, 32), batch_size=8)
 
 
 def test_pyramid_and_all_stage_features_of_the_tiny_backbone(tiny_run, tiny_benchmark):
     run_dir, network = tiny_run
     backbone = network.get_layer("tiny")
-    assert regressor.stage_layers(backbone, "tiny") == ["stage1_refine_relu", "stage2_refine_relu"]
+    assert image_features.stage_layers(backbone, "tiny") == ["stage1_refine_relu", "stage2_refine_relu"]
     paths = [i for i, _ in gta5.list_pairs(str(tiny_benchmark / "gta5"))][:3]
-    extractor = regressor.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir),
+    extractor = image_features.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir),
                                             pooling="pyramid", stages="all")
-    features = regressor.compute_features(extractor, paths, (64, 32), progress=False)
+    features = image_features.compute_features(extractor, paths, (64, 32), progress=False)
     taps = keras.Model(backbone.input, [backbone.get_layer("stage1_refine_relu").output,
                                         backbone.get_layer("stage2_refine_relu").output, backbone.output])
     stage1, stage2, final = (m.numpy() for m in taps(load_images(paths), training=False))
@@ -319,8 +319,8 @@ def test_pyramid_and_all_stage_features_of_the_tiny_backbone(tiny_run, tiny_benc
     assert features.shape == (3, 16 + 32 + 5 * 64)
     np.testing.assert_allclose(features, expected, rtol=1e-4, atol=1e-5)
 
-    pyramid = regressor.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir), pooling="pyramid")
-    np.testing.assert_allclose(regressor.compute_features(pyramid, paths, (64, 32), progress=False),
+    pyramid = image_features.feature_extractor("backbone", None, (64, 32), model_dir=str(run_dir), pooling="pyramid")
+    np.testing.assert_allclose(image_features.compute_features(pyramid, paths, (64, 32), progress=False),
                                expected[:, 48:], rtol=1e-4, atol=1e-5)
 
 
@@ -329,17 +329,17 @@ def test_feature_cache_keys_differ_between_feature_variants(tiny_run, tiny_bench
     paths = [i for i, _ in gta5.list_pairs(str(tiny_benchmark / "gta5"))]
     variants = [("none", "global", "last"), ("adabn", "global", "last"), ("none", "pyramid", "last"),
                 ("none", "global", "all"), ("adabn", "pyramid", "all")]
-    keys = {regressor.cache_key(regressor.feature_extractor("backbone", None, (64, 32), str(run_dir), *v),
+    keys = {image_features.cache_key(image_features.feature_extractor("backbone", None, (64, 32), str(run_dir), *v),
                                 paths, (64, 32)) for v in variants}
     assert len(keys) == len(variants)
-    assert regressor.feature_extractor("backbone", None, (64, 32), str(run_dir), "adabn").key["batch_norm"] == "batch"
+    assert image_features.feature_extractor("backbone", None, (64, 32), str(run_dir), "adabn").key["batch_norm"] == "batch"
     # Alignments that only transform the pooled features share the features they start from.
-    same = {regressor.cache_key(regressor.feature_extractor("backbone", None, (64, 32), str(run_dir), a),
+    same = {image_features.cache_key(image_features.feature_extractor("backbone", None, (64, 32), str(run_dir), a),
                                 paths, (64, 32)) for a in ("none", "standardize", "whiten")}
     assert len(same) == 1
-    assert regressor.cache_key(regressor.feature_extractor("backbone", None, (64, 32), str(run_dir), "adabn"),
-                               paths, (64, 32)) == regressor.cache_key(
-        regressor.feature_extractor("backbone", None, (64, 32), str(run_dir), "adabn_standardize"), paths, (64, 32))
+    assert image_features.cache_key(image_features.feature_extractor("backbone", None, (64, 32), str(run_dir), "adabn"),
+                               paths, (64, 32)) == image_features.cache_key(
+        image_features.feature_extractor("backbone", None, (64, 32), str(run_dir), "adabn_standardize"), paths, (64, 32))
 
 
 def test_feature_variants_are_refused_where_they_do_not_apply(tmp_path):
@@ -347,22 +347,22 @@ def test_feature_variants_are_refused_where_they_do_not_apply(tmp_path):
                          ({"pooling": "pyramid"}, "--feature_pooling=pyramid"),
                          ({"stages": "all"}, "--feature_stages=all")):
         with pytest.raises(UserError, match=f"^{flag} needs --features=backbone"):
-            regressor.feature_extractor("MobileNetV3Small", None, (64, 32), **kwargs)
+            image_features.feature_extractor("MobileNetV3Small", None, (64, 32), **kwargs)
     with pytest.raises(ValueError, match="coral"):
-        regressor.alignment_steps("coral")
+        image_features.alignment_steps("coral")
 
     image = keras.Input((None, None, 3))
     down = keras.layers.Conv2D(4, 3, strides=2, padding="same", name="down")(image)
     frozen = keras.layers.BatchNormalization(trainable=False, name="bn")(down)
     with pytest.raises(UserError, match="--feature_alignment=adabn: the frozen backbone has no BatchNorm layer"):
-        regressor._backbone_feature_model(keras.Model(image, frozen), "frozen", (32, 32), "batch", "global", "last",
+        image_features._backbone_feature_model(keras.Model(image, frozen), "frozen", (32, 32), "batch", "global", "last",
                                           "adabn")
     up = keras.layers.UpSampling2D(name="up")(keras.layers.Conv2D(4, 3, strides=2, padding="same")(down))
     with pytest.raises(UserError, match="--feature_stages=all: the fcn backbone's resolution does not only fall"):
-        regressor.stage_layers(keras.Model(image, up), "fcn")
+        image_features.stage_layers(keras.Model(image, up), "fcn")
     padded = keras.layers.ZeroPadding2D(1, name="pad")(down)  # a final map at no stride of the input
     with pytest.raises(UserError, match="--feature_stages=all: the padded backbone's resolution"):
-        regressor.stage_layers(keras.Model(image, padded), "padded")
+        image_features.stage_layers(keras.Model(image, padded), "padded")
 
     common = ("--source=synthetic", "--target=synthetic", f"--output={tmp_path / 'labels.json'}")
     for args, message in (

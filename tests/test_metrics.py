@@ -10,7 +10,7 @@ import pytest
 from PIL import Image
 from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
-from pit_keras.evaluation import metrics
+from pit_keras.evaluation import metrics, reports
 from pit_keras.data import classes
 
 
@@ -154,17 +154,17 @@ def test_summarize_cityscapes19_marks_absent_classes_none():
 def test_format_table_uses_short_names_and_dashes():
     cm = metrics.ConfusionMatrix(19)
     cm.update(np.array([[0, 0, 18, 18]]), np.array([[0, 1, 18, 18]]))
-    table = metrics.format_table(metrics.summarize(cm, classes.CITYSCAPES19))
+    table = reports.format_table(metrics.summarize(cm, classes.CITYSCAPES19))
     header, values = table.splitlines()
     assert header.split() == ["road", "sdwk", "bldng", "wall", "fence", "pole", "light", "sign", "vgttn",
                               "trrn", "sky", "person", "rider", "car", "truck", "bus", "train", "mcycl",
                               "bcycl", "mIoU"]
     assert values.split() == ["50.0", "0.0"] + ["-"] * 16 + ["100.0", "50.0"]
-    assert set(metrics.SHORT_NAMES) == set(classes.CITYSCAPES_CLASSES)
+    assert set(reports.SHORT_NAMES) == set(classes.CITYSCAPES_CLASSES)
 
 
 def test_format_table_synthia16_has_miou_star():
-    header, values = metrics.format_table(_synthia16_result()).splitlines()
+    header, values = reports.format_table(_synthia16_result()).splitlines()
     assert header.split()[3:6] == ["wall*", "fence*", "pole*"]
     assert header.split()[-2:] == ["mIoU", "mIoU*"]
     assert values.split()[-2:] == [f"{900 / 16:.1f}", f"{900 / 13:.1f}"]
@@ -177,7 +177,7 @@ def test_write_json_round_trip(tmp_path):
     result["extra"] = np.float32("nan")
     path = tmp_path / "eval.json"
     path.write_text("old")
-    metrics.write_json(result, path)
+    reports.write_json(result, path)
 
     loaded = json.loads(path.read_text())
     assert loaded["miou"] == 100.0
@@ -192,7 +192,7 @@ def test_write_json_round_trip(tmp_path):
 def test_write_json_creates_parents_and_nan_miou_is_null(tmp_path):
     result = metrics.summarize(metrics.ConfusionMatrix(19), classes.CITYSCAPES19)
     path = tmp_path / "a" / "b" / "eval.json"
-    metrics.write_json(result, path)
+    reports.write_json(result, path)
     loaded = json.loads(path.read_text())
     assert loaded["miou"] is None
     assert loaded["pixel_accuracy"] is None
@@ -208,7 +208,7 @@ def test_failed_write_keeps_the_old_file_and_no_temp_file(tmp_path, monkeypatch)
 
     monkeypatch.setattr(metrics.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
-        metrics.write_json({"miou": 1.0}, path)
+        reports.write_json({"miou": 1.0}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]
     assert path.read_text() == "old"
 
@@ -235,7 +235,7 @@ def test_write_csv_has_a_row_per_class_and_the_means(tmp_path):
     result = _synthia16_result()
     result["per_class_iou"]["road"] = None
     path = tmp_path / "eval.csv"
-    metrics.write_csv(result, path)
+    reports.write_csv(result, path)
     rows = list(csv.reader(path.open(newline="")))
     assert rows[0] == ["class", "iou"]
     assert [r[0] for r in rows[1:]] == list(classes.SYNTHIA16.names) + ["mIoU", "mIoU*"]
@@ -246,12 +246,12 @@ def test_write_csv_has_a_row_per_class_and_the_means(tmp_path):
 
 
 def test_results_paths_and_write_results(tmp_path):
-    assert metrics.results_paths("a/eval_val.json") == ("a/eval_val.json", "a/eval_val.csv",
+    assert reports.results_paths("a/eval_val.json") == ("a/eval_val.json", "a/eval_val.csv",
                                                         "a/eval_val_confusion.png")
-    assert metrics.results_paths("a/out") == ("a/out", "a/out.csv", "a/out_confusion.png")
+    assert reports.results_paths("a/out") == ("a/out", "a/out.csv", "a/out_confusion.png")
     cm = metrics.ConfusionMatrix(19)
     cm.update(np.array([[0, 0, 18, 18]]), np.array([[0, 1, 18, 18]]))
-    written = metrics.write_results(metrics.summarize(cm, classes.CITYSCAPES19), tmp_path / "r" / "eval.json")
+    written = reports.write_results(metrics.summarize(cm, classes.CITYSCAPES19), tmp_path / "r" / "eval.json")
     assert sorted(os.listdir(tmp_path / "r")) == ["eval.csv", "eval.json", "eval_confusion.png"]
     assert json.loads(open(written[0]).read())["miou"] == 50.0
     with Image.open(written[2]) as png:
@@ -262,12 +262,12 @@ def test_confusion_image_is_row_normalised_with_other_column_only_when_used():
     names = ("road", "car")
     darkest, grey, white = (8, 48, 107), (200, 200, 200), (255, 255, 255)
     # Row "road" is all correct (the darkest blue); row "car" has no pixels (grey).
-    image = metrics.confusion_image(np.array([[40, 0, 0], [0, 0, 0]]), names, cell=20)
+    image = reports.confusion_image(np.array([[40, 0, 0], [0, 0, 0]]), names, cell=20)
     colours = {colour for _, colour in image.getcolors(maxcolors=1 << 16)}
     assert {darkest, grey, white} <= colours
-    half = metrics.confusion_image(np.array([[20, 0, 20], [0, 0, 0]]), names, cell=20)
+    half = reports.confusion_image(np.array([[20, 0, 20], [0, 0, 0]]), names, cell=20)
     assert half.width == image.width + 20 and half.height == image.height
     assert darkest not in {colour for _, colour in half.getcolors(maxcolors=1 << 16)}
     # Normalised per row: ten times the counts draw the same picture.
-    assert metrics.confusion_image(np.array([[400, 0], [3, 1]]), names).tobytes() == \
-        metrics.confusion_image(np.array([[40, 0], [30, 10]]), names).tobytes()
+    assert reports.confusion_image(np.array([[400, 0], [3, 1]]), names).tobytes() == \
+        reports.confusion_image(np.array([[40, 0], [30, 10]]), names).tobytes()

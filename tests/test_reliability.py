@@ -423,10 +423,10 @@ def test_predict_goes_on_past_bad_images_and_mirrors_sub_folders(tiny_benchmark,
 
 
 def test_two_images_that_would_write_the_same_outputs_are_refused(tmp_path):
-    from pit_keras.deploy import predictors
+    from pit_keras.data import images
 
     for name in ("a.png", "a.jpg", "b.png"):
         (tmp_path / name).write_bytes(b"")
-    images = predictors.list_images(str(tmp_path))
+    images = images.list_images(str(tmp_path))
     with pytest.raises(UserError, match="a.jpg and .*a.png would write the same outputs \\(a_labelTrainIds.png\\)"):
-        predictors.output_names(images, str(tmp_path))
+        images.output_names(images, str(tmp_path))

@@ -39,8 +39,9 @@ if __name__ == "__main__":
 
 from pit_keras.training import checkpoints
 from pit_keras.deploy import exporting
+from pit_keras.data import images
 from pit_keras.deploy import predictors
-from pit_keras.evaluation import metrics
+from pit_keras.evaluation import metrics, reports
 from pit_keras.data import classes, datasets, synthetic  # noqa: E402
 from pit_keras.models.backbones import BACKBONES  # noqa: E402
 
@@ -69,7 +70,7 @@ def evaluate(predictor, pairs, reader, class_set):
     matrix = metrics.ConfusionMatrix(class_set.num_classes)
     for image_path, label_path in pairs:
         label = reader(label_path)
-        image = predictors.read_image(image_path)
+        image = images.read_image(image_path)
         prediction = predictor(image)
         if prediction.shape != label.shape:
             raise ValueError(f"{image_path}: the image and its label differ in size.")
@@ -193,7 +194,7 @@ def main():
         rows = benchmark(model_dir, export_dir, size, args.warmup, args.repeats, threads, args.max_images,
                          with_miou=bool(args.model_dir))
         config = checkpoints.read_run_config(model_dir)
-    metrics.write_json({"model_dir": os.path.abspath(args.model_dir) if args.model_dir else None,
+    reports.write_json({"model_dir": os.path.abspath(args.model_dir) if args.model_dir else None,
                         "backbone": config["backbone"], "untrained": bool(args.backbone),
                         "target_size": config["target_size"], "latency_size": list(size), "threads": list(threads),
                         "warmup": args.warmup, "repeats": args.repeats, "cpu_count": os.cpu_count(),

@@ -27,7 +27,6 @@ mixing settings in one table.
 """
 
 import dataclasses
-import datetime
 import hashlib
 import importlib.metadata
 import json

@@ -30,6 +30,7 @@ import shutil
 import tempfile
 
 from pit_keras import atomic, console
+from pit_keras.deploy import serving
 from pit_keras.deploy import predictors
 from pit_keras.deploy import mediapipe_metadata
 from pit_keras.data import classes
@@ -157,8 +158,8 @@ def configure_converter(converter, variant, calibration):
 
 
 def save_saved_model(segmenter, target_size, path):
-    """Writes the serving SavedModel (`predictors.serving_function`, images of any size) to `path`."""
-    write_saved_model(segmenter, predictors.serving_function(segmenter, target_size), predictors.serving_signature(),
+    """Writes the serving SavedModel (`serving.serving_function`, images of any size) to `path`."""
+    write_saved_model(segmenter, serving.serving_function(segmenter, target_size), serving.serving_signature(),
                       path)
 
 

@@ -16,91 +16,12 @@ from PIL import Image
 
 from pit_keras import console
 from pit_keras.data import classes
+from pit_keras.data.images import read_image
+from pit_keras.deploy.serving import serving_function, serving_signature
 from pit_keras.errors import UserError
 
-# Larger images are refused before decoding: a 50 MP RGB image is 150 MB of pixels and far more in float
-# activations, and a decompression bomb should fail with a sentence, not an out-of-memory kill.
-MAX_MEGAPIXELS = 50
-IMAGE_EXTENSIONS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp")
 METADATA_FILE = "metadata.json"
 SAVED_MODEL_SUBDIR = os.path.join("saved_model", "pit")
-
-
-def read_image(path, max_megapixels=MAX_MEGAPIXELS):
-    """Reads an image file as `[H, W, 3]` uint8 RGB.
-
-    Alpha is dropped (the network never saw transparency), grey and palette images are expanded to RGB, and
-    16-bit grey images are scaled to 8 bits.
-
-    Args:
-        path: an image file Pillow can read.
-        max_megapixels: larger images are refused before their pixels are decoded.
-
-    Raises:
-        UserError: if the file is missing, unreadable or too large.
-    """
-    if not os.path.isfile(path):
-        raise UserError(f"{path}: no such image file.")
-    try:
-        with Image.open(path) as image:
-            megapixels = image.width * image.height / 1e6
-            if megapixels > max_megapixels:
-                raise UserError(f"{path} is {image.width}x{image.height} ({megapixels:.0f} MP), over the "
-                                f"{max_megapixels} MP limit; downscale it first.")
-            if image.mode in ("I", "I;16", "I;16B", "I;16L"):
-                grey = np.asarray(image, np.float64) * (255.0 / 65535.0)
-                return np.repeat(np.clip(grey.round(), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
-            return np.asarray(image.convert("RGB"), np.uint8)
-    except (OSError, Image.DecompressionBombError) as err:
-        raise UserError(f"{path}: not a readable image ({err}).") from None
-
-
-def list_images(path, exclude=None):
-    """The image files to predict: `path` itself, or the images in the folder `path` and its sub-folders (the
-    Cityscapes layout: leftImg8bit/SPLIT/CITY/), sorted by their path; hidden files and folders are left out.
-
-    Args:
-        path: an image file or a folder.
-        exclude: a folder not to look into (the output folder, should it be inside `path`).
-
-    Raises:
-        UserError: if the path does not exist or the folder holds no image.
-    """
-    if os.path.isfile(path):
-        return [path]
-    if not os.path.isdir(path):
-        raise UserError(f"--input={path}: no such file or folder.")
-    exclude = os.path.realpath(exclude) if exclude else None
-    images = []
-    for root, folders, names in os.walk(path):
-        folders[:] = sorted(f for f in folders if not f.startswith(".")
-                            and os.path.realpath(os.path.join(root, f)) != exclude)
-        images += [os.path.join(root, name) for name in names
-                   if name.lower().endswith(IMAGE_EXTENSIONS) and not name.startswith(".")]
-    if not images:
-        raise UserError(f"--input={path}: the folder holds no {'/'.join(IMAGE_EXTENSIONS)} images (sub-folders "
-                        "included).")
-    return sorted(images)
-
-
-def output_names(images, input_path):
-    """`{image: output stem}`: each image's path relative to `input_path` (a folder) without its extension, so
-    the outputs mirror its sub-folders; just the file name for a single image.
-
-    Raises:
-        UserError: if two images would write the same outputs (`a.png` and `a.jpg` in one folder).
-    """
-    if os.path.isfile(input_path):
-        return {image: os.path.splitext(os.path.basename(image))[0] for image in images}
-    stems, seen = {}, {}
-    for image in images:
-        stem = os.path.splitext(os.path.relpath(image, input_path))[0]
-        if stem in seen:
-            raise UserError(f"{seen[stem]} and {image} would write the same outputs ({stem}_labelTrainIds.png); "
-                            "rename one of them.")
-        seen[stem] = image
-        stems[image] = stem
-    return stems
 
 
 def checkpoint_step(checkpoint_path):
@@ -129,42 +50,6 @@ def load_segmenter(model_dir, aspp_implementation="matmul"):
                             aspp_implementation=aspp_implementation)
     checkpoint = checkpoints.restore_network(network, model_dir)
     return fine_segmenter(network), config, checkpoint
-
-
-def serving_function(segmenter, target_size):
-    """The function behind the SavedModel's `serving_default` signature (input spec: `serving_signature()`).
-
-    It takes uint8 RGB images `[batch, H, W, 3]` of any size, resizes them bilinearly to the run's
-    `target_size` (the resolution the network was trained at, as evaluation does), runs the segmenter and
-    resizes the logits back to `H x W` before the softmax and the argmax, so the outputs have the input's size.
-
-    Args:
-        segmenter: a Keras model from float RGB in [0, 255] to logits (`load_segmenter`).
-        target_size: (W, H) the network runs at.
-
-    Returns:
-        `serve(images) -> {"labels": int32 [batch, H, W], "probabilities": float32 [batch, H, W, C]}`.
-    """
-    import tensorflow as tf
-
-    width, height = target_size
-
-    def serve(images):
-        input_size = tf.shape(images)[1:3]
-        resized = tf.image.resize(tf.cast(images, tf.float32), (height, width), method="bilinear")
-        logits = segmenter(resized, training=False)
-        logits = tf.image.resize(logits, input_size, method="bilinear")
-        return {"labels": tf.math.argmax(logits, axis=-1, output_type=tf.int32),
-                "probabilities": tf.nn.softmax(logits, axis=-1)}
-
-    return serve
-
-
-def serving_signature():
-    """The input spec of `serving_function`: a batch of uint8 RGB images of any size, named `images`."""
-    import tensorflow as tf
-
-    return tf.TensorSpec([None, None, None, 3], tf.uint8, name="images")
 
 
 def find_metadata(path):

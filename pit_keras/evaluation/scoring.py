@@ -256,12 +256,12 @@ def predictor_confusion(predictor, pairs, reader, space, progress=True):
     Returns:
         A filled `metrics.ConfusionMatrix` over `space.class_set`.
     """
-    from pit_keras.deploy import predictors
+    from pit_keras.data import images
 
     matrix = metrics.ConfusionMatrix(space.class_set.num_classes)
     for index, (image_path, label_path) in enumerate(pairs, start=1):
         label = reader(label_path)
-        prediction = np.asarray(predictor(predictors.read_image(image_path)))
+        prediction = np.asarray(predictor(images.read_image(image_path)))
         if prediction.shape != label.shape:
             rows = (np.arange(label.shape[0]) * prediction.shape[0] // label.shape[0])[:, None]
             cols = (np.arange(label.shape[1]) * prediction.shape[1] // label.shape[1])[None, :]
