@@ -18,7 +18,7 @@ import urllib.request
 import numpy as np
 from PIL import Image
 
-# As in pit_keras.inference: larger images are refused before decoding.
+# As in pit_keras.data.images (MAX_MEGAPIXELS): larger images are refused before decoding.
 MAX_MEGAPIXELS = 50
 
 

@@ -1,13 +1,14 @@
 """Atomic file writes: readers see the old file or the new one, never a partial one, whatever happens to the
-writing process (a crash, a kill, a full disk). Only `metrics` also fsyncs, so that a power loss cannot leave an
-empty file behind either; the others are small files rewritten often, where that cost buys little.
+writing process (a crash, a kill, a full disk). Only `evaluation.reports` also fsyncs, so that a power loss
+cannot leave an empty file behind either; the others are small files rewritten often, where that cost buys
+little.
 
 The new content goes to a temporary file in the destination's folder (os.replace is atomic only within one
 file system), which is then renamed over the destination. Should writing fail (a full disk, an error while
 serializing, Ctrl-C), the temporary file is removed and the destination keeps its previous content.
 
-Only the standard library is imported, so numpy-only modules (metrics) and the tools can use it without
-loading TensorFlow.
+Only the standard library is imported, so numpy-only modules (evaluation.reports) and the tools can use it
+without loading TensorFlow.
 """
 
 import contextlib

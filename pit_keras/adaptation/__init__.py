@@ -1,1 +1,2 @@
-"""Adaptation without target labels: the mean teacher and its pseudo-labels, the image-level regressor and target image labels."""
+"""Adaptation without target labels: the mean teacher and its pseudo-labels, the image-level regressor and target
+image labels."""

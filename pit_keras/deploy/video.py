@@ -47,7 +47,7 @@ def predict_video(predictor, path, output_dir, alpha=0.5):
     frames, at the video's size and frame rate).
 
     Args:
-        predictor: an `inference.Predictor`.
+        predictor: an `predictors.Predictor`.
         path: a video file OpenCV can read.
         output_dir: created if missing.
         alpha: opacity of the colours in the overlay.
