@@ -56,17 +56,17 @@ def run_main(main):
     collected: an input pipeline still held by them would otherwise be torn down while Python finalizes, when a
     `tf.py_function` call of its threads can no longer take the interpreter, and the process would hang.
     """
-    from absl import app, flags, logging
+    from absl import app, logging
 
     from pit_keras import console
     from pit_keras import flags as pit_flags
 
-    pit_flags.define_console_flags()
+    tf_logs = pit_flags.define_console_flags()
 
     def guarded(argv):
-        console.configure(tf_logs=flags.FLAGS.tf_logs)
+        console.configure(tf_logs=tf_logs.value)
         # TensorFlow logs routine INFO lines (checkpoint sharding, ...) through absl once app.run starts.
-        logging.set_verbosity(logging.INFO if flags.FLAGS.tf_logs else logging.WARNING)
+        logging.set_verbosity(logging.INFO if tf_logs.value else logging.WARNING)
         try:
             return main(argv)
         except UserError as err:

@@ -50,13 +50,13 @@ def target_and_root(config=None):
     """(target, root, benchmark seed) of the labelled set: the flags, or with a run's `config` the run's own
     target and root where the flags do not name them (a given --target other than the run's needs its root)."""
     seed = FLAGS.benchmark_seed
-    if config is not None and config.get("target"):
-        same = not FLAGS["target"].present or FLAGS.target == config["target"]
+    if config is not None:
+        same = not FLAGS["target"].present or FLAGS.target == config.target
         if same:
-            root = (pit_flags.dataset_root("target_root", FLAGS.target_root) if FLAGS["target_root"].present
-                    else config["target_root"])
-            return config["target"], root, seed if FLAGS["benchmark_seed"].present else config.get("benchmark_seed")
-    return FLAGS.target, pit_flags.dataset_root("target_root", FLAGS.target_root), seed
+            root = (pit_flags.dataset_root("target_root", FLAGS.target_root, FLAGS.target, seed)
+                    if FLAGS["target_root"].present else config.target_root)
+            return config.target, root, seed if FLAGS["benchmark_seed"].present else config.benchmark_seed
+    return FLAGS.target, pit_flags.dataset_root("target_root", FLAGS.target_root, FLAGS.target, seed), seed
 
 
 def labelled_pairs(target, root, seed):
@@ -69,24 +69,21 @@ def labelled_pairs(target, root, seed):
 
 
 def score_run():
-    """(result, space, default output, target) of the newest checkpoint of --model_dir."""
-    from pit_keras.training import checkpoints
+    """(result, space, default output, target) of the --checkpoint of --model_dir."""
+    from pit_keras import runs
     from pit_keras.evaluation import scoring
     from pit_keras.evaluation import metrics
-    from pit_keras.models.network import build_network
 
-    config = checkpoints.read_run_config(FLAGS.model_dir)
-    space = label_space(config["num_classes"])
+    config = runs.read_config(FLAGS.model_dir)
+    space = label_space(config.num_classes)
     size = (pit_flags.parse_size("target_size", FLAGS.target_size) if FLAGS["target_size"].present
-            else tuple(config["target_size"]))
+            else config.target_size)
     target, root, seed = target_and_root(config)
     pairs, reader, _ = labelled_pairs(target, root, seed)
-    units = len(config["lse_r"]) if config["method"] == "pit" else 0
-    network = build_network(config["backbone"], config["num_classes"], num_units=units)
-    checkpoint = checkpoints.restore_network(network, FLAGS.model_dir, FLAGS.checkpoint)
-    result = metrics.summarize(scoring.network_confusion(network, pairs, reader, space, size),
+    run = runs.load_run(FLAGS.model_dir, FLAGS.checkpoint)
+    result = metrics.summarize(scoring.network_confusion(run.network, pairs, reader, space, size),
                                space.class_set)
-    result["checkpoint"] = os.path.basename(checkpoint)
+    result["checkpoint"] = os.path.basename(run.checkpoint)
     return result, space, os.path.join(FLAGS.model_dir, f"eval_{FLAGS.split}.json"), target
 
 

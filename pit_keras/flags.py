@@ -1,32 +1,45 @@
 """Every absl flag of every command, defined once. Commands call the `define_*` groups they need; flagfiles
-compose (`--flagfile=` lines inside a flagfile). Modules never read flags: CLIs pass values down."""
+compose (`--flagfile=` lines inside a flagfile). This module only defines flags and parses values given to it;
+only the commands read flags (tests/test_layout.py), and pass values down."""
 
 import os
 
 from absl import flags
 
+from pit_keras import config
 from pit_keras.errors import UserError
-
-FLAGS = flags.FLAGS
 
 DEFAULT_BENCHMARK_ROOT = os.path.join("~", ".cache", "pit_keras", "benchmark")
 
+_CONSOLE_FLAGS = []  # the FlagHolder of --tf_logs, once defined
+
 
 def define_console_flags():
-    """`--tf_logs`, which every command takes (`errors.run_main` defines it); idempotent."""
-    if "tf_logs" not in FLAGS:
+    """`--tf_logs`, which every command takes (`errors.run_main` defines it); idempotent. Returns its
+    `FlagHolder`, whose `.value` is the parsed flag."""
+    if not _CONSOLE_FLAGS:
         from pit_keras import console
 
-        flags.DEFINE_boolean("tf_logs", False, console.TF_LOGS_HELP)
+        _CONSOLE_FLAGS.append(flags.DEFINE_boolean("tf_logs", False, console.TF_LOGS_HELP))
+    return _CONSOLE_FLAGS[0]
 
 
 def define_data_flags():
-    flags.DEFINE_enum("source", "gta5", ["gta5", "synthia", "synthetic", "folder"],
+    """The source and the target dataset (train, image_labels)."""
+    define_source_flags()
+    define_target_flags()
+
+
+def define_source_flags():
+    flags.DEFINE_enum("source", "gta5", config.SOURCES,
                       "Source dataset (labelled); folder: your own, ROOT/images with ROOT/labels (README: "
                       "dataset layouts).")
     flags.DEFINE_string("source_root", None, "Source dataset root (for synthetic: the benchmark folder, made on "
                         f"first use; default {DEFAULT_BENCHMARK_ROOT}).")
-    flags.DEFINE_enum("target", "cityscapes", ["cityscapes", "synthetic", "folder"],
+
+
+def define_target_flags():
+    flags.DEFINE_enum("target", "cityscapes", config.TARGETS,
                       "Target dataset (unlabelled); folder: every JPEG/PNG under --target_root (sub-folders "
                       "included), an optional labelled val set in ROOT/val (README: dataset layouts).")
     flags.DEFINE_string("target_root", None, "Target dataset root (for synthetic: the benchmark folder).")
@@ -51,7 +64,7 @@ def define_train_flags():
     flags.DEFINE_string("label_map", None, "For --source=folder: a JSON object from the raw ids of the label PNGs "
                         "to train ids, e.g. {\"7\": 0, \"8\": 1}; ids it does not list are ignored (255). "
                         "Without it the label PNGs hold the 19 train ids.")
-    flags.DEFINE_enum("method", "pit", ["pit", "source_only", "minent"], "Training method.")
+    flags.DEFINE_enum("method", "pit", config.METHODS, "Training method.")
     flags.DEFINE_boolean("lse_normalize", True, "Divide the LSE pooling by r (Pinheiro & Collobert's form, under "
                          "which r changes what a unit computes; --nolse_normalize: Eq. 1 as printed, where r only "
                          "rescales the head; docs/method.md).")
@@ -59,18 +72,18 @@ def define_train_flags():
     flags.DEFINE_float("lambda_r", 0.5, "Weight of the reconstruction loss L_r.")
     flags.DEFINE_float("lambda_ent", 0.001, "Weight of the target entropy (minent).")
     flags.DEFINE_list("recon_domains", ["source", "target"], "Domains the reconstruction loss L_r covers.")
-    flags.DEFINE_enum("loss_resolution", "feature", ["feature", "input"],
+    flags.DEFINE_enum("loss_resolution", "feature", config.LOSS_RESOLUTIONS,
                       "Compute L_c and L_r on the logits before (feature) or after (input) upsampling.")
     flags.DEFINE_float("interaction_lr_multiplier", 1.0, "Learning rate of the w^k relative to the heads' "
                        "(below 1 tames them at large learning rates; docs/method.md).")
-    flags.DEFINE_enum("recon_stop_gradient", "none", ["none", "fine", "coarse"],
+    flags.DEFINE_enum("recon_stop_gradient", "none", config.RECON_STOP_GRADIENTS,
                       "L_r trains both branches (none, the paper), only the coarse units and w^k (fine: the fine "
                       "map is held fixed) or only the fine branch (coarse).")
-    flags.DEFINE_enum("recon_space", "logits", ["logits", "probabilities"],
+    flags.DEFINE_enum("recon_space", "logits", config.RECON_SPACES,
                       "L_r compares the maps as logits (the paper's S) or as per-pixel class probabilities.")
     flags.DEFINE_float("head_lr_multiplier", 1.0, "Learning rate of the new layers (fine and coarse heads, w^k) "
                        "relative to the backbone's (DeepLab practice: 10).")
-    flags.DEFINE_enum("image_loss_reduction", "mean", ["sum", "mean"],
+    flags.DEFINE_enum("image_loss_reduction", "mean", config.IMAGE_LOSS_REDUCTIONS,
                       "Reduce the image-level BCE over classes by mean (PyTorch's BCEWithLogitsLoss default: "
                       "lambda_c / C; measured better in every setting, docs/results.md) or sum (the paper's L_c "
                       "as written).")
@@ -82,11 +95,11 @@ def define_train_flags():
                         "With --image_labels=teacher: a JSON of target image labels (python -m "
                         "pit_keras.image_labels) that the target L_c starts on; the teacher's shares are blended in "
                         "over --st_start/--st_ramp instead of ramping the term.")
-    flags.DEFINE_enum("image_label_confidence", "none", ["none", "entropy", "agreement"],
+    flags.DEFINE_enum("image_label_confidence", "none", config.IMAGE_LABEL_CONFIDENCES,
                       "With --image_labels=teacher: weigh the target L_c per image and class by the teacher's "
                       "confidence in the pixels behind each share (entropy) or by the agreement of teacher and "
                       "--image_labels_prior (agreement).")
-    flags.DEFINE_enum("image_label_kind", "shares", ["shares", "presence"],
+    flags.DEFINE_enum("image_label_kind", "shares", config.IMAGE_LABEL_KINDS,
                       "What L_c learns on both domains: each class's share of the image, or its presence (1 if "
                       "present: the paper's Table 5 weak labels).")
     flags.DEFINE_boolean("self_training", False, "Self-training with an EMA teacher, confidence-weighted "
@@ -95,7 +108,7 @@ def define_train_flags():
     flags.DEFINE_float("st_ema", 0.99, "EMA coefficient of the self-training teacher.")
     flags.DEFINE_float("st_threshold", 0.968, "Top probability a pseudo-labelled pixel needs to count towards "
                        "its image's confidence weight.")
-    flags.DEFINE_enum("st_teacher_bn", "target_batch", ["target_batch", "running"],
+    flags.DEFINE_enum("st_teacher_bn", "target_batch", config.TEACHER_BNS,
                       "The teacher normalises each target batch with that batch's BatchNorm statistics, or with "
                       "its running statistics (which mix the domains). Only for backbones that train their "
                       "BatchNorm (tiny, MobileNetV3); DeepLab-v2's is frozen.")
@@ -128,11 +141,11 @@ def define_train_flags():
     flags.DEFINE_integer("verbose", 1, "Training progress: 0 none, 1 a line of steps, rate, ETA and losses "
                          "(redrawn on a terminal; one plain line per --log_every steps elsewhere), 2 plain "
                          "lines only.")
-    flags.DEFINE_enum("strategy", "default", ["default", "mirrored", "multi_worker"],
+    flags.DEFINE_enum("strategy", "default", config.STRATEGIES,
                       "tf.distribute strategy: one device, all local GPUs (or --cpu_replicas CPUs), or the hosts "
                       "of TF_CONFIG.")
     flags.DEFINE_integer("cpu_replicas", 1, "Split the CPU into N logical devices (test distribution without GPUs).")
-    flags.DEFINE_enum("mixed_precision", "float32", ["float32", "mixed_float16", "mixed_bfloat16"],
+    flags.DEFINE_enum("mixed_precision", "float32", config.MIXED_PRECISIONS,
                       "Keras dtype policy; losses stay in float32, mixed_float16 scales the loss. On CPUs "
                       "(docs/performance.md): mixed_bfloat16 makes DeepLab-v2 steps ~1.5x faster on CPUs with "
                       "AVX512_BF16 but small backbones no faster or slower; mixed_float16 is for GPUs only "
@@ -142,7 +155,7 @@ def define_train_flags():
     flags.DEFINE_boolean("cache_images", False, "Keep every decoded training image in memory after its first "
                          "read (the same batches; for datasets that fit in RAM, e.g. the embedded benchmark: "
                          "90 MB; docs/performance.md).")
-    flags.DEFINE_enum("aspp_implementation", "matmul", ["matmul", "conv"],
+    flags.DEFINE_enum("aspp_implementation", "matmul", config.ASPP_IMPLEMENTATIONS,
                       "How DeepLab-v2's ASPP heads are computed (the same function and weights): one matrix "
                       "product and shifted sums (32% less time per DeepLab-v2 PIT step on CPUs, a third of the "
                       "memory at the paper's sizes), or four dilated convolutions (exports always use these).")
@@ -152,7 +165,7 @@ def define_train_flags():
 
 
 def define_eval_flags():
-    define_data_flags()
+    define_target_flags()  # evaluate scores on a target; it reads no source
     flags.DEFINE_string("model_dir", None, "A training run folder (its newest checkpoint is evaluated); its own "
                         "--target and --target_root are the defaults.")
     flags.DEFINE_string("saved_model", None, "Score an exported SavedModel (a folder with saved_model.pb, or an "
@@ -233,15 +246,15 @@ def parse_floats(name, values):
         raise UserError(f"--{name}={','.join(values)}: expected a comma-separated list of numbers.") from None
 
 
-def dataset_root(name, value):
-    """The root of a dataset flag (`source_root`/`target_root`), with `~` expanded; the benchmark by default
+def dataset_root(name, value, dataset, benchmark_seed=None):
+    """The root of a dataset flag (`name`: source_root/target_root, given `value`) of the dataset `dataset`
+    (the --source/--target value), with `~` expanded; the benchmark by default for a synthetic dataset
     (`DEFAULT_BENCHMARK_ROOT`, or `DEFAULT_BENCHMARK_ROOT_seedN` for `--benchmark_seed=N`)."""
     if value is None:
-        dataset = FLAGS[name.replace("_root", "")].value
         if dataset != "synthetic":
             raise UserError(f"--{name} is required for --{name.replace('_root', '')}={dataset}.")
         value = DEFAULT_BENCHMARK_ROOT
-        seed = FLAGS["benchmark_seed"].value if "benchmark_seed" in FLAGS else None
+        seed = benchmark_seed
         if seed:  # another generator seed: another folder
             value = f"{DEFAULT_BENCHMARK_ROOT}_seed{seed}"
     return os.path.expanduser(value)

@@ -51,8 +51,10 @@ def parse_config():
     weights = FLAGS.features_weights
     weights = None if weights == "none" else weights if weights == "imagenet" else os.path.expanduser(weights)
     return {
-        "source": FLAGS.source, "source_root": pit_flags.dataset_root("source_root", FLAGS.source_root),
-        "target": FLAGS.target, "target_root": pit_flags.dataset_root("target_root", FLAGS.target_root),
+        "source": FLAGS.source,
+        "source_root": pit_flags.dataset_root("source_root", FLAGS.source_root, FLAGS.source, FLAGS.benchmark_seed),
+        "target": FLAGS.target,
+        "target_root": pit_flags.dataset_root("target_root", FLAGS.target_root, FLAGS.target, FLAGS.benchmark_seed),
         "num_classes": 16 if FLAGS.source == "synthia" else 19,
         "features": FLAGS.features, "features_weights": weights,
         "image_size": pit_flags.parse_size("image_size", FLAGS.image_size), "epochs": FLAGS.epochs,

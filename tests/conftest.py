@@ -1,4 +1,5 @@
-"""Shared fixtures: a tiny generated benchmark on disk, and the path of the real Cityscapes frame in tests/data/."""
+"""Shared fixtures: a tiny generated benchmark on disk, the path of the real Cityscapes frame in tests/data/, and
+run configurations for tests (`run_config`, `write_run_config`)."""
 
 import os
 import pathlib
@@ -11,6 +12,35 @@ REPO = pathlib.Path(__file__).resolve().parents[1]
 CITYSCAPES_FRAME = REPO / "tests" / "data" / "cityscapes_frame"
 
 
+def run_config(bench=None, **overrides):
+    """A `RunConfig` for tests: PIT with ground-truth image labels on the benchmark at `bench` (the
+    `tiny_benchmark` fixture; a folder that need not exist for a config that reads no data) at 64x32, the tiny
+    backbone without pretrained weights, `lse_normalize` off, 4 steps of batch 4 at learning rate 0.01, momentum
+    0.9; other settings at the train flags' defaults. `overrides` replace any of them (a method other than PIT
+    needs `image_labels=None`)."""
+    from pit_keras.config import RunConfig
+
+    bench = pathlib.Path(bench) if bench is not None else REPO / "no_benchmark"
+    settings = dict(
+        source="gta5", source_root=str(bench / "gta5"), target="cityscapes", target_root=str(bench / "cityscapes"),
+        source_size=(64, 32), target_size=(64, 32), backbone="tiny", backbone_weights="none", method="pit",
+        lse_r=(0.5, 1.0, 1.5), lse_normalize=False, image_labels="ground_truth", batch_size=4, num_steps=4,
+        learning_rate=0.01, momentum=0.9)
+    settings.update(overrides)
+    return RunConfig(**settings)
+
+
+def write_run_config(model_dir, **overrides):
+    """Writes MODEL_DIR/run.json of `run_config(**overrides)`, for a run folder whose checkpoint a test saves
+    itself; returns the config."""
+    from pit_keras import atomic
+
+    config = run_config(**overrides)
+    os.makedirs(model_dir, exist_ok=True)
+    atomic.write_json_atomic(os.path.join(model_dir, "run.json"), config.to_json())
+    return config
+
+
 @pytest.fixture(scope="session")
 def tiny_benchmark(tmp_path_factory):
     """A small two-domain benchmark (GTA5 + Cityscapes layouts) at 64x32; returns its root."""
@@ -19,3 +49,32 @@ def tiny_benchmark(tmp_path_factory):
     root = tmp_path_factory.mktemp("bench") / "benchmark"
     synthetic.generate(root, num_source=6, num_target_train=6, num_target_val=3, size=(64, 32), seed=0)
     return root
+
+
+TRAINED_RUN_STEPS = 240
+
+
+def trained_run_args(bench, model_dir):
+    """The train flags of the shared `trained_run` (its folder aside); tests/test_reliability.py interrupts a run
+    with the same flags and compares it with the shared one."""
+    return ["--source=gta5", f"--source_root={bench / 'gta5'}", "--target=cityscapes",
+            f"--target_root={bench / 'cityscapes'}", "--source_size=64,32", "--target_size=64,32", "--batch_size=2",
+            "--learning_rate=0.05", f"--num_steps={TRAINED_RUN_STEPS}", "--checkpoint_every=40", "--log_every=40",
+            "--image_every=0", "--image_labels=ground_truth", "--deterministic", "--evaluate=true", "--verbose=2",
+            f"--model_dir={model_dir}"]
+
+
+@pytest.fixture(scope="session")
+def trained_run(tiny_benchmark, tmp_path_factory):
+    """One PIT run (three coarse units, ground-truth image labels) trained for real by `python -m pit_keras.train`
+    in a process of its own, shared by every test that needs a trained run folder (the train command's own
+    results, resuming, evaluate, export, predict, interrupted runs): 240 deterministic steps at 64x32 and learning
+    rate 0.05, so its labels are not trivial; a checkpoint every 40 steps (the newest three kept), progress lines,
+    evaluated on the benchmark's val split at the end. Returns `(model_dir, result)`, `result` the finished
+    process. Never written to: a test that resumes or damages a run works on a copy (`shutil.copytree`)."""
+    from commands import run
+
+    model_dir = tmp_path_factory.mktemp("trained_run") / "pit"
+    result = run("train", *trained_run_args(tiny_benchmark, model_dir))
+    assert result.returncode == 0, result.stderr[-2000:]
+    return model_dir, result

@@ -16,7 +16,7 @@ from PIL import Image
 
 from conftest import REPO
 from pit_keras import atomic
-from pit_keras.evaluation import metrics, reports
+from pit_keras.evaluation import reports
 from pit_keras.adaptation import soft_labels
 
 
@@ -190,7 +190,7 @@ def test_metrics_write_json_failing_midway_keeps_the_old_file(tmp_path, monkeypa
     def failing_fsync(fd):
         raise DiskFull()
 
-    monkeypatch.setattr(metrics.os, "fsync", failing_fsync)
+    monkeypatch.setattr(reports.os, "fsync", failing_fsync)
     with pytest.raises(OSError, match="No space left"):
         reports.write_json({"miou": 1.0}, path)
     assert path.read_text() == "old"

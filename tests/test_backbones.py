@@ -5,7 +5,6 @@ compute what the stock networks compute; the ASPP classifier, the Caffe preproce
 Each big model is built once per module, on 56-72 px inputs."""
 
 import dataclasses
-import json
 import os
 import subprocess
 import sys
@@ -15,7 +14,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
+from conftest import REPO, write_run_config
 from pit_keras.errors import UserError
 from pit_keras.models import backbones, heads
 from pit_keras.models.network import build_network
@@ -216,9 +215,8 @@ def test_export_holds_aspp_heads_as_dilated_convolutions(monkeypatch, tmp_path):
     run = tmp_path / "run"
     network = build_network("tiny_aspp", num_classes=3, num_units=0)
     tf.train.Checkpoint(network=network).save(str(run / "checkpoints" / "ckpt"))
-    (run / "run.json").write_text(json.dumps({"backbone": "tiny_aspp", "num_classes": 3, "method": "source_only",
-                                              "lse_r": [1.0], "target_size": [64, 32],
-                                              "class_set": "cityscapes19"}))
+    write_run_config(run, backbone="tiny_aspp", num_classes=3, method="source_only", image_labels=None,
+                     lse_r=(1.0,), target_size=(64, 32))
     segmenter, _, _ = predictors.load_segmenter(str(run), aspp_implementation="conv")
     assert segmenter.get_layer("fine_head").implementation == "conv"
     seen = {}

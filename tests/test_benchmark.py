@@ -1,6 +1,7 @@
 """tools/benchmark_train.py: a smoke run (tiny backbone, 32x32, 2 repeats) checking the JSON it writes, no
 timings; the case names; the benchmark's joint source+target forward computes what the trainer does."""
 
+import dataclasses
 import json
 
 import keras
@@ -108,7 +109,8 @@ def test_joint_forward_variant_computes_the_same_terms_without_batch_statistics(
              "target_image_labels": tf.constant(rng.dirichlet(np.ones(4), 2), tf.float32)}
     keras.utils.set_random_seed(0)
     network = build_network("tiny", 4, num_units=3)
-    config = {**benchmark_train.base_config(benchmark_train.parse_args(["--size=32,32"]), "pit"), "num_classes": 4}
+    config = dataclasses.replace(benchmark_train.base_config(benchmark_train.parse_args(["--size=32,32"]), "pit"),
+                                 num_classes=4)
     separate = PITTrainer(network, 4, **benchmark_train.trainer_kwargs(config)).compute_terms(batch)
     joint = benchmark_train.make_joint_forward_trainer(network, config).compute_terms(batch)
     assert set(joint) == set(separate) == {"seg_src", "img_src", "img_trg", "rec_src", "rec_trg"}

@@ -1,19 +1,15 @@
-"""The command lines as users run them: a short train run, resume, evaluate, and one-sentence errors."""
+"""The command lines as users run them: the shared trained run (conftest.py), resume and evaluate, each in a
+process of its own; the baselines' short runs and the one-sentence errors in the test's process
+(tests/commands.py)."""
 
 import json
 import os
-import subprocess
-import sys
+import shutil
 
 import pytest
 
-from conftest import REPO
-
-
-def run(module, *args, timeout=300):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-m", f"pit_keras.{module}", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+from commands import run, run_in_process
+from conftest import TRAINED_RUN_STEPS, trained_run_args
 
 
 def train_args(bench, model_dir, *extra):
@@ -23,19 +19,13 @@ def train_args(bench, model_dir, *extra):
             "--image_labels=ground_truth", f"--model_dir={model_dir}", "--verbose=2", *extra)
 
 
-@pytest.fixture(scope="module")
-def trained_run(tiny_benchmark, tmp_path_factory):
-    model_dir = tmp_path_factory.mktemp("runs") / "pit"
-    first = run("train", *train_args(tiny_benchmark, model_dir, "--num_steps=4"))
-    return model_dir, first
-
-
 def test_train_writes_checkpoints_logs_and_results(trained_run):
+    # The shared run (conftest.py), trained by `python -m pit_keras.train` in a process of its own.
     model_dir, result = trained_run
     assert result.returncode == 0, result.stderr[-2000:]
     assert "target val mIoU" in result.stdout
     assert sorted(os.listdir(model_dir / "checkpoints"))[0] == "checkpoint"
-    assert any(name.startswith("ckpt-4") for name in os.listdir(model_dir / "checkpoints"))
+    assert any(name.startswith(f"ckpt-{TRAINED_RUN_STEPS}.") for name in os.listdir(model_dir / "checkpoints"))
     assert any(name.startswith("events") for name in os.listdir(model_dir / "logs"))
     results = json.loads((model_dir / "eval_val.json").read_text())
     assert results["num_images"] == 3 and 0 <= results["miou"] <= 100
@@ -43,17 +33,20 @@ def test_train_writes_checkpoints_logs_and_results(trained_run):
 
 
 def test_train_resumes_from_the_newest_checkpoint_and_evaluate_agrees(trained_run, tiny_benchmark, tmp_path):
-    model_dir, _ = trained_run
-    resumed = run("train", *train_args(tiny_benchmark, model_dir, "--num_steps=6"))
+    model_dir = tmp_path / "pit"
+    shutil.copytree(trained_run[0], model_dir)
+    steps = TRAINED_RUN_STEPS + 2
+    args = [a for a in trained_run_args(tiny_benchmark, model_dir) if not a.startswith("--num_steps=")]
+    resumed = run("train", *args, f"--num_steps={steps}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "at step 4" in resumed.stdout and "trained to step 6" in resumed.stdout
+    assert f"at step {TRAINED_RUN_STEPS}" in resumed.stdout and f"trained to step {steps}" in resumed.stdout
     output = tmp_path / "eval.json"
     evaluated = run("evaluate", f"--model_dir={model_dir}", "--target=cityscapes",
                     f"--target_root={tiny_benchmark / 'cityscapes'}", "--split=val", f"--output={output}")
     assert evaluated.returncode == 0, evaluated.stderr[-2000:]
     from_train = json.loads((model_dir / "eval_val.json").read_text())
     from_evaluate = json.loads(output.read_text())
-    assert from_evaluate["checkpoint"] == "ckpt-6"
+    assert from_evaluate["checkpoint"] == from_train["checkpoint"] == f"ckpt-{steps}"
     assert from_evaluate["miou"] == pytest.approx(from_train["miou"], abs=1e-6)
 
 
@@ -61,14 +54,15 @@ def test_train_resumes_from_the_newest_checkpoint_and_evaluate_agrees(trained_ru
 def test_baselines_train_and_log_images(method, tiny_benchmark, tmp_path):
     args = [a for a in train_args(tiny_benchmark, tmp_path / method, "--num_steps=2", f"--method={method}",
                                   "--evaluate=false") if not a.startswith("--image_labels")]
-    result = run("train", *args)
+    result = run_in_process("train", *args)
     assert result.returncode == 0, result.stderr[-2000:]
     assert "trained to step 2" in result.stdout
 
 
-def test_model_dir_with_another_architecture_is_refused(trained_run, tiny_benchmark):
-    model_dir, _ = trained_run
-    result = run("train", *train_args(tiny_benchmark, model_dir, "--num_steps=8", "--lse_r=1"))
+def test_model_dir_with_another_architecture_is_refused(trained_run, tiny_benchmark, tmp_path):
+    model_dir = tmp_path / "pit"
+    shutil.copytree(trained_run[0], model_dir)
+    result = run_in_process("train", *train_args(tiny_benchmark, model_dir, "--num_steps=8", "--lse_r=1"))
     assert result.returncode == 2
     assert "holds a run with lse_r=[0.5, 1.0, 1.5]" in result.stderr
 
@@ -87,21 +81,23 @@ def test_model_dir_with_another_architecture_is_refused(trained_run, tiny_benchm
      "--image_label_confidence=agreement needs --image_labels_prior"),
 ])
 def test_bad_flags_fail_fast_with_one_sentence(args, message):
-    result = run("train", "--source=synthetic", "--target=synthetic", *args, timeout=60)
+    result = run_in_process("train", "--source=synthetic", "--target=synthetic", *args)
     assert result.returncode != 0
     assert message in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_missing_dataset_folder_is_named(tmp_path):
-    result = run("train", "--method=source_only", f"--model_dir={tmp_path / 'run'}", "--source=gta5",
-                 f"--source_root={tmp_path / 'nowhere'}", "--target=cityscapes", f"--target_root={tmp_path}")
+    result = run_in_process("train", "--method=source_only", f"--model_dir={tmp_path / 'run'}", "--source=gta5",
+                            f"--source_root={tmp_path / 'nowhere'}", "--target=cityscapes",
+                            f"--target_root={tmp_path}")
     assert result.returncode == 2
     assert f"{tmp_path / 'nowhere' / 'images'}: no such folder" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_evaluate_without_a_run_is_refused(tmp_path):
-    result = run("evaluate", f"--model_dir={tmp_path}", "--target=cityscapes", f"--target_root={tmp_path}")
+    result = run_in_process("evaluate", f"--model_dir={tmp_path}", "--target=cityscapes",
+                            f"--target_root={tmp_path}")
     assert result.returncode == 2
     assert "holds no training run" in result.stderr

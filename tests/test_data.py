@@ -8,7 +8,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import CITYSCAPES_FRAME
+from conftest import CITYSCAPES_FRAME, run_config
 from pit_keras import losses
 from pit_keras.data import cityscapes, classes, gta5, pipeline
 from pit_keras.adaptation import soft_labels
@@ -157,10 +157,10 @@ def test_cache_images_feeds_a_run_the_same_source_and_target_batches(tiny_benchm
     target_paths = [image for image, _ in pairs[::-1]]  # any images serve as the target here
     labels = np.eye(3, 19, dtype=np.float32)[np.arange(len(target_paths)) % 3]
     domains = {"source": (pairs, gta5.read_train_ids), "target": (target_paths, labels)}
-    config = {"source_size": [32, 16], "target_size": [24, 16], "seed": 5}
     batches = []
     for cache in (False, True):
-        ds = runner.build_dataset({**config, "cache_images": cache}, domains, batch_size=2, skip_batches=2)
+        config = run_config(tiny_benchmark, source_size=(32, 16), target_size=(24, 16), seed=5, cache_images=cache)
+        ds = runner.build_dataset(config, domains, batch_size=2, skip_batches=2)
         batches.append([{k: v.numpy() for k, v in b.items()} for b in ds.take(5)])
     assert len(batches[0]) == len(batches[1]) == 5
     for plain, cached in zip(*batches):

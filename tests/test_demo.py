@@ -1,5 +1,6 @@
 """The quick-start demo is unsupervised: flags/demo.cfg itself (fewer steps, a tiny benchmark) trains with every
-target label file deleted, and a run stopped mid-way resumes its student and its EMA teacher exactly."""
+target label file deleted, and a run stopped mid-way resumes its student and its EMA teacher exactly. One
+uninterrupted run serves both tests."""
 
 import os
 import shutil
@@ -7,6 +8,7 @@ import subprocess
 import sys
 
 import numpy as np
+import pytest
 import tensorflow as tf
 
 from conftest import REPO
@@ -24,15 +26,32 @@ def run(command):
                           env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
 
 
-def test_the_demo_trains_with_every_target_label_deleted(tiny_benchmark, tmp_path):
-    bench = tmp_path / "benchmark"
+# Deterministic, a checkpoint every 3 steps: the stopped run resumes from the middle one.
+STEPS = ["--num_steps=6", "--checkpoint_every=3", "--evaluate=false", "--deterministic"]
+
+
+@pytest.fixture(scope="module")
+def unlabelled_benchmark(tiny_benchmark, tmp_path_factory):
+    """The tiny benchmark without any target label file."""
+    bench = tmp_path_factory.mktemp("demo") / "benchmark"
     shutil.copytree(tiny_benchmark, bench)
     shutil.rmtree(bench / "cityscapes" / "gtFine")  # train and val labels alike
-    result = run(demo_command(bench, tmp_path / "run", "--num_steps=4", "--evaluate=false"))
+    return bench
+
+
+@pytest.fixture(scope="module")
+def demo_run(unlabelled_benchmark, tmp_path_factory):
+    """The demo trained for 6 steps without target labels, TensorBoard pictures every 2: `(model_dir, result)`."""
+    model_dir = tmp_path_factory.mktemp("demo_run") / "straight"
+    return model_dir, run(demo_command(unlabelled_benchmark, model_dir, *STEPS))
+
+
+def test_the_demo_trains_with_every_target_label_deleted(demo_run):
+    model_dir, result = demo_run
     assert result.returncode == 0, result.stderr[-3000:]
     assert "no target label is read" in result.stdout
-    assert "trained to step 4" in result.stdout
-    reader = tf.train.load_checkpoint(str(tmp_path / "run" / "checkpoints" / "ckpt-4"))
+    assert "trained to step 6" in result.stdout
+    reader = tf.train.load_checkpoint(str(model_dir / "checkpoints" / "ckpt-6"))
     assert any(name.startswith("teacher/") for name in reader.get_variable_to_shape_map())
 
 
@@ -44,22 +63,21 @@ def checkpoint_values(model_dir, step, prefix):
     return {n: reader.get_tensor(n) for n in names}
 
 
-def test_a_stopped_demo_resumes_student_and_teacher(tiny_benchmark, tmp_path):
-    steps = ["--num_steps=6", "--checkpoint_every=3", "--evaluate=false", "--image_every=0", "--deterministic"]
-    straight = run(demo_command(tiny_benchmark, tmp_path / "straight", *steps))
-    assert straight.returncode == 0, straight.stderr[-3000:]
+def test_a_stopped_demo_resumes_student_and_teacher(demo_run, unlabelled_benchmark, tmp_path):
+    straight, result = demo_run
+    assert result.returncode == 0, result.stderr[-3000:]
     # A run stopped after its step-3 checkpoint: the same folder without what came after it.
     stopped = tmp_path / "stopped"
-    shutil.copytree(tmp_path / "straight", stopped)
+    shutil.copytree(straight, stopped)
     for path in (stopped / "checkpoints").glob("ckpt-6.*"):
         path.unlink()
     (stopped / "checkpoints" / "checkpoint").write_text(
         'model_checkpoint_path: "ckpt-3"\nall_model_checkpoint_paths: "ckpt-3"\n')
-    resumed = run(demo_command(tiny_benchmark, stopped, *steps))
+    resumed = run(demo_command(unlabelled_benchmark, stopped, *STEPS))
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     for prefix in ("network/", "teacher/"):
-        a = checkpoint_values(tmp_path / "straight", 6, prefix)
+        a = checkpoint_values(straight, 6, prefix)
         b = checkpoint_values(stopped, 6, prefix)
         assert a.keys() == b.keys()
         for name in a:

@@ -3,17 +3,14 @@ Cityscapes frame in tests/data/ and agrees with predict on the same run folder; 
 inside; the GPU-delegate variant has no ArgMax and no int64 tensor; predict segments a video.
 
 One tiny run, trained at the frame's size (256x128) so that predict on the run folder and the exported models
-see the same input, is shared by the module."""
-
-import os
-import subprocess
-import sys
+see the same input, is shared by the module. train and predict run in the test's process (tests/commands.py)."""
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CITYSCAPES_FRAME, REPO
+from commands import run_in_process
+from conftest import CITYSCAPES_FRAME
 
 FRAME = CITYSCAPES_FRAME / "leftImg8bit" / "val" / "frankfurt" / "frankfurt_000000_000294_leftImg8bit.png"
 VARIANTS = ["float32", "float16", "dynamic_int8", "int8", "gpu_float16"]
@@ -21,12 +18,6 @@ VARIANTS = ["float32", "float16", "dynamic_int8", "int8", "gpu_float16"]
 MIN_TASK_AGREEMENT = {"float32": 0.99, "float16": 0.99, "dynamic_int8": 0.99, "int8": 0.97, "gpu_float16": 0.99}
 
 mediapipe = pytest.importorskip("mediapipe", reason='MediaPipe tests need pip install -e ".[deploy]"')
-
-
-def run(module, *args, timeout=300):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-m", f"pit_keras.{module}", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 @pytest.fixture(scope="module")
@@ -37,11 +28,11 @@ def model_dir(tmp_path_factory):
     root = tmp_path_factory.mktemp("deploy") / "benchmark"
     synthetic.generate(root, num_source=6, num_target_train=6, num_target_val=2, size=(256, 128), seed=1)
     model_dir = root.parent / "run"
-    result = run("train", "--method=source_only", "--source=gta5", f"--source_root={root / 'gta5'}",
-                 "--target=cityscapes", f"--target_root={root / 'cityscapes'}", "--source_size=256,128",
-                 "--target_size=256,128", "--batch_size=2", "--learning_rate=0.05", "--num_steps=60",
-                 "--log_every=60", "--checkpoint_every=60", "--image_every=0", "--evaluate=false",
-                 f"--model_dir={model_dir}", "--verbose=0")
+    result = run_in_process(
+        "train", "--method=source_only", "--source=gta5", f"--source_root={root / 'gta5'}", "--target=cityscapes",
+        f"--target_root={root / 'cityscapes'}", "--source_size=256,128", "--target_size=256,128", "--batch_size=2",
+        "--learning_rate=0.05", "--num_steps=60", "--log_every=60", "--checkpoint_every=60", "--image_every=0",
+        "--evaluate=false", f"--model_dir={model_dir}", "--verbose=0")
     assert result.returncode == 0, result.stderr[-2000:]
     return model_dir
 
@@ -215,8 +206,8 @@ def test_predict_segments_a_video_and_prints_frames_per_second(exported, frame, 
 
     small = np.asarray(Image.fromarray(frame).resize((128, 64)))
     write_video(tmp_path / "drive.mp4", small)
-    result = run("predict", f"--model={exported / 'pit_int8.tflite'}", f"--input={tmp_path / 'drive.mp4'}",
-                 f"--output_dir={tmp_path / 'out'}")
+    result = run_in_process("predict", f"--model={exported / 'pit_int8.tflite'}", f"--input={tmp_path / 'drive.mp4'}",
+                            f"--output_dir={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "segmented 6 frame(s)" in result.stdout and "frames per second" in result.stdout
     capture = cv2.VideoCapture(str(tmp_path / "out" / "drive_overlay.mp4"))
@@ -228,8 +219,8 @@ def test_predict_segments_a_video_and_prints_frames_per_second(exported, frame, 
 
 def test_predict_refuses_an_unreadable_video_with_one_sentence(exported, tmp_path):
     (tmp_path / "broken.mp4").write_bytes(b"not a video at all")
-    result = run("predict", f"--model={exported / 'pit_float32.tflite'}", f"--input={tmp_path / 'broken.mp4'}",
-                 f"--output_dir={tmp_path / 'out'}", timeout=60)
+    result = run_in_process("predict", f"--model={exported / 'pit_float32.tflite'}",
+                            f"--input={tmp_path / 'broken.mp4'}", f"--output_dir={tmp_path / 'out'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"--input={tmp_path / 'broken.mp4'}: OpenCV cannot decode this video file." in result.stderr
     assert not (tmp_path / "out").exists()

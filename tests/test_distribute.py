@@ -12,7 +12,7 @@ import keras
 import numpy as np
 import pytest
 
-from conftest import REPO
+from conftest import REPO, run_config
 
 MIRRORED_STEP = textwrap.dedent("""
     import sys
@@ -72,11 +72,12 @@ def test_two_mirrored_replicas_equal_one_device(reduction):
 WORKER = textwrap.dedent("""
     import json, sys
     import numpy as np
+    from pit_keras.config import RunConfig
     from pit_keras.training import distribute
     from pit_keras.training import runner
 
     strategy = distribute.make_strategy("multi_worker")
-    config = json.loads(sys.argv[1])
+    config = RunConfig.from_json(json.loads(sys.argv[1]))
     trainer, _ = runner.run(config, sys.argv[2], strategy=strategy, log_every=2, image_every=0,
                               checkpoint_every=2, evaluate=False, verbose=0)
     np.savez(sys.argv[3], *[v.numpy() for v in trainer.network.weights])
@@ -94,15 +95,7 @@ def free_ports(count):
 
 
 def test_two_workers_on_localhost_stay_in_sync_and_only_the_chief_writes(tiny_benchmark, tmp_path):
-    config = {
-        "source": "gta5", "source_root": str(tiny_benchmark / "gta5"), "target": "cityscapes",
-        "target_root": str(tiny_benchmark / "cityscapes"), "source_size": [64, 32], "target_size": [64, 32],
-        "backbone": "tiny", "backbone_weights": "none", "num_classes": 19, "class_set": "cityscapes19",
-        "method": "pit", "lse_r": [0.5, 1.0, 1.5], "lse_normalize": False, "lambda_c": 0.5, "lambda_r": 0.5,
-        "lambda_ent": 0.001, "recon_domains": ["source", "target"], "loss_resolution": "feature",
-        "interaction_lr_multiplier": 0.01, "image_labels": "ground_truth", "batch_size": 4, "num_steps": 4,
-        "learning_rate": 0.01, "momentum": 0.9, "weight_decay": 0.0, "poly_power": 0.9, "seed": 0,
-    }
+    config = run_config(tiny_benchmark, interaction_lr_multiplier=0.01, image_loss_reduction="sum")
     cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
     model_dir = tmp_path / "run"
     workers = []
@@ -110,7 +103,7 @@ def test_two_workers_on_localhost_stay_in_sync_and_only_the_chief_writes(tiny_be
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
         workers.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, json.dumps(config), str(model_dir), str(tmp_path / f"w{index}.npz")],
+            [sys.executable, "-c", WORKER, json.dumps(config.to_json()), str(model_dir), str(tmp_path / f"w{index}.npz")],
             cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         outputs = [w.communicate(timeout=240) for w in workers]

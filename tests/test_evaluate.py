@@ -6,14 +6,13 @@ import json
 import math
 import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import CITYSCAPES_FRAME, REPO
+from commands import run_in_process
+from conftest import CITYSCAPES_FRAME, write_run_config
 from pit_keras.evaluation import scoring
 from pit_keras.evaluation import metrics
 from pit_keras.data import cityscapes, classes
@@ -38,10 +37,9 @@ EXPECTED = {
 EXPECTED_MIOU = {19: (60.0 + 200.0 / 3.0 + 25.0 + 100.0 + 0.0 + 50.0) / 6.0, 16: 65.0, 13: 160.0 / 3.0}
 
 
-def run(*args, timeout=120):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-m", "pit_keras.evaluate", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
+def run(*args):
+    """`python -m pit_keras.evaluate ARGS`, in the test's process (tests/commands.py)."""
+    return run_in_process("evaluate", *args)
 
 
 def save_png(path, array):
@@ -228,7 +226,7 @@ def test_cli_errors_are_one_sentence(handmade, tmp_path, case, message):
     pred = tmp_path / "p"
     pred.mkdir()
     extra = {"both": [f"--model_dir={tmp_path}"], "16_over_19": ["--prediction_classes=16", "--classes=19"]}
-    result = run(f"--predictions_dir={pred}", f"--target_root={handmade}", *extra.get(case, []), timeout=60)
+    result = run(f"--predictions_dir={pred}", f"--target_root={handmade}", *extra.get(case, []))
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]
     assert last.startswith("error: ") and message in last
@@ -248,9 +246,7 @@ def test_cli_model_dir_maps_a_19_class_run_into_13_classes(handmade, tmp_path):
     bias[classes.CITYSCAPES_CLASSES.index("terrain")] = 10.0
     head.set_weights([np.zeros_like(kernel), bias])
     tf.train.Checkpoint(network=network).save(str(tmp_path / "run" / "checkpoints" / "ckpt"))
-    (tmp_path / "run" / "run.json").write_text(json.dumps({
-        "backbone": "tiny", "num_classes": 19, "class_set": "cityscapes19", "lse_r": [],
-        "method": "source_only", "target_size": [32, 16]}))
+    write_run_config(tmp_path / "run", lse_r=(), method="source_only", image_labels=None, target_size=(32, 16))
 
     output = tmp_path / "eval.json"
     result = run(f"--model_dir={tmp_path / 'run'}", f"--target_root={handmade}", "--classes=13",

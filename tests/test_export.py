@@ -1,9 +1,11 @@
-"""Deployment: a briefly trained run is exported once; the SavedModel (in a fresh process) and every .tflite
-variant (in LiteRT) are checked against the Keras network's labels, and predict runs all three model kinds on
-awkward images. Export's all-or-nothing writing is checked by failing it midway."""
+"""Deployment: the shared trained run (conftest.py) is exported once; the SavedModel (in a fresh process) and
+every .tflite variant (in LiteRT) are checked against the Keras network's labels, and predict runs all three model
+kinds on awkward images. Export's all-or-nothing writing is checked by failing it midway. The commands run in the
+test's process (tests/commands.py), but for one refusal of export's."""
 
 import json
 import os
+import shutil
 import struct
 import subprocess
 import sys
@@ -13,29 +15,17 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from commands import run, run_in_process
+from conftest import REPO, TRAINED_RUN_STEPS
 
 # Pixel agreement with the Keras network's labels each variant must reach.
 MIN_AGREEMENT = {"float32": 0.995, "float16": 0.995, "dynamic_int8": 0.97, "int8": 0.97, "gpu_float16": 0.995}
 
 
-def run(module, *args, timeout=300):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-m", f"pit_keras.{module}", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
-
-
 @pytest.fixture(scope="module")
-def model_dir(tiny_benchmark, tmp_path_factory):
-    """A PIT run (with coarse units) trained for real: 150 steps at 64x32, so its labels are not trivial."""
-    model_dir = tmp_path_factory.mktemp("export_run") / "pit"
-    result = run("train", "--source=gta5", f"--source_root={tiny_benchmark / 'gta5'}", "--target=cityscapes",
-                 f"--target_root={tiny_benchmark / 'cityscapes'}", "--source_size=64,32", "--target_size=64,32",
-                 "--batch_size=2", "--learning_rate=0.05", "--num_steps=150", "--log_every=50",
-                 "--checkpoint_every=150", "--image_every=0", "--image_labels=ground_truth", "--evaluate=false",
-                 f"--model_dir={model_dir}", "--verbose=0")
-    assert result.returncode == 0, result.stderr[-2000:]
-    return model_dir
+def model_dir(trained_run):
+    """The shared PIT run (with coarse units), trained for real so that its labels are not trivial."""
+    return trained_run[0]
 
 
 @pytest.fixture(scope="module")
@@ -75,7 +65,7 @@ def test_export_writes_serving_layout_tflite_models_and_metadata(exported, model
     assert os.path.isfile(output / "saved_model" / "pit" / "1" / "saved_model.pb")
     assert json.loads((output / "metadata.json").read_text()) == metadata
     assert metadata["classes"][0] == "road" and len(metadata["palette"]) == 19
-    assert metadata["checkpoint"] == "ckpt-150" and metadata["checkpoint_step"] == 150
+    assert metadata["checkpoint"] == f"ckpt-{TRAINED_RUN_STEPS}" and metadata["checkpoint_step"] == TRAINED_RUN_STEPS
     assert metadata["training_run"]["model_dir"] == str(model_dir)
     assert metadata["training_run"]["config"]["target_size"] == [64, 32]
     assert metadata["tflite"]["input_size"] == [64, 32]
@@ -116,19 +106,19 @@ def test_saved_model_in_a_fresh_process_matches_keras(exported, keras_predictor,
 def test_saved_model_holds_no_coarse_unit_variables(exported, model_dir):
     import tensorflow as tf
 
-    from pit_keras.training import checkpoints
+    from pit_keras import runs
     from pit_keras.deploy import predictors
     from pit_keras.models.network import build_network
 
     output, _ = exported
     loaded = tf.saved_model.load(str(output / "saved_model" / "pit" / "1"))
     segmenter, config, _ = predictors.load_segmenter(str(model_dir))
-    network = build_network(config["backbone"], config["num_classes"], num_units=len(config["lse_r"]))
+    network = build_network(config.backbone, config.num_classes, num_units=len(config.lse_r))
     shapes = sorted(tuple(v.shape) for v in loaded.variables)
     assert shapes == sorted(tuple(v.shape) for v in segmenter.variables)
     assert len(network.variables) > len(loaded.variables)
     assert not [v.name for v in loaded.variables if "coarse" in v.name or "reconstruction" in v.name]
-    assert checkpoints.read_run_config(str(model_dir))["method"] == "pit"
+    assert runs.read_config(str(model_dir)).method == "pit"
 
 
 @pytest.mark.parametrize("variant", ["float32", "float16", "dynamic_int8", "int8", "gpu_float16"])
@@ -179,11 +169,11 @@ def test_interrupted_export_leaves_the_previous_export_untouched(exported, model
     assert sorted(os.listdir(output.parent)) == ["pit"]
 
 
-def test_overwrite_replaces_the_export_once_complete(model_dir, tmp_path):
+def test_overwrite_replaces_the_export_once_complete(exported, model_dir, tmp_path):
     from pit_keras.deploy import exporting
 
     output = tmp_path / "export"
-    exporting.export(model_dir, output, formats=("float32",))
+    shutil.copytree(exported[0], output)  # an earlier, complete export
     exporting.export(model_dir, output, formats=("dynamic_int8",), overwrite=True)
     assert sorted(os.listdir(output)) == ["metadata.json", "pit_dynamic_int8.tflite"]
     assert os.listdir(tmp_path) == ["export"]
@@ -280,7 +270,8 @@ def test_predict_writes_labels_and_overlays_at_the_input_size(kind, exported, mo
     output, _ = exported
     model = {"model_dir": model_dir, "saved_model": output, "tflite": output / "pit_float16.tflite"}[kind]
     sizes = awkward_images(tmp_path / "in")
-    result = run("predict", f"--model={model}", f"--input={tmp_path / 'in'}", f"--output_dir={tmp_path / 'out'}")
+    result = run_in_process("predict", f"--model={model}", f"--input={tmp_path / 'in'}",
+                            f"--output_dir={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"with the {kind} model" in result.stdout
     for name, size in sizes.items():
@@ -314,19 +305,19 @@ def test_predict_refuses_huge_images_and_names_bad_paths(exported, tmp_path):
     (tmp_path / "empty").mkdir()
     with pytest.raises(UserError, match="empty: the folder holds no .png"):
         images.list_images(str(tmp_path / "empty"))
-    result = run("predict", f"--model={tmp_path / 'nowhere'}", f"--input={tmp_path}",
-                 f"--output_dir={tmp_path / 'out'}", timeout=60)
+    result = run_in_process("predict", f"--model={tmp_path / 'nowhere'}", f"--input={tmp_path}",
+                            f"--output_dir={tmp_path / 'out'}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"--model={tmp_path / 'nowhere'}: no such file or folder." in result.stderr
-    result = run("predict", f"--model={output}", f"--input={tmp_path / 'huge.png'}",
-                 f"--output_dir={tmp_path / 'out'}", timeout=60)
+    result = run_in_process("predict", f"--model={output}", f"--input={tmp_path / 'huge.png'}",
+                            f"--output_dir={tmp_path / 'out'}")
     assert result.returncode == 2 and "over the 50 MP limit" in result.stderr
     assert "Traceback" not in result.stderr
 
 
 def test_export_cli_refuses_to_overwrite_with_one_sentence(exported, model_dir):
     output, _ = exported
-    result = run("export", f"--model_dir={model_dir}", f"--output_dir={output}", timeout=60)
+    result = run_in_process("export", f"--model_dir={model_dir}", f"--output_dir={output}")
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"--output_dir={output} already exists; pass --overwrite to replace it." in result.stderr
 
@@ -357,7 +348,7 @@ def test_evaluate_scores_the_deployed_models_like_the_run(exported, model_dir, t
     scores = {}
     for name, flag in [("run", f"--model_dir={model_dir}"), ("saved_model", f"--saved_model={exported[0]}"),
                        ("tflite", f"--tflite={exported[0] / 'pit_float32.tflite'}")]:
-        result = run("evaluate", flag, *target, f"--output={tmp_path / name}.json")
+        result = run_in_process("evaluate", flag, *target, f"--output={tmp_path / name}.json")
         assert result.returncode == 0, result.stderr[-2000:]
         scores[name] = json.loads((tmp_path / f"{name}.json").read_text())["miou"]
     # The SavedModel serves exactly the run's network; float32 LiteRT differs only by rounding.

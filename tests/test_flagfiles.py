@@ -23,7 +23,8 @@ out = {{}}
 for path in sys.argv[1:]:
     flags.FLAGS.unparse_flags()
     flags.FLAGS(["cli", "--flagfile=" + path])
-    out[path] = cli.parse_config()
+    config = cli.parse_config()
+    out[path] = config.to_json() if hasattr(config, "to_json") else config  # train's RunConfig, image_labels' dict
 print(json.dumps(out))
 """
 

@@ -1,18 +1,16 @@
 """Your own data: the unsupervised demo pipeline trained from a labelled folder source (raw ids through a label
 map) to a nested folder of unlabelled JPEGs and PNGs of mixed sizes, evaluated on its labelled val set; evaluate
 defaulting to the run's target; results of a deployed model kept out of its export folder; and every bad input
-refused in one sentence before anything is written."""
+refused in one sentence before anything is written. The commands run in the test's process (tests/commands.py)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from commands import run_in_process as run
 from pit_keras.evaluation import scoring
 from pit_keras.data import datasets
 from pit_keras.errors import UserError
@@ -20,12 +18,6 @@ from pit_keras.errors import UserError
 # Raw ids of the source's label PNGs (a simulator's own tags) and the map to train ids; 9 and 200 stay unmapped.
 LABEL_MAP = {"1": 0, "2": 2, "3": 10, "4": 13, "5": 255}
 RAW_IDS = (1, 2, 3, 4, 5, 9, 200)
-
-
-def run(module, *args, timeout=300):
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    return subprocess.run([sys.executable, "-m", f"pit_keras.{module}", *args], cwd=REPO, env=env,
-                          capture_output=True, text=True, timeout=timeout)
 
 
 def save(path, array):
@@ -190,7 +182,7 @@ def test_deployed_results_are_written_beside_the_export_folder(tmp_path):
     scoring.check_output_outside_export(str(tmp_path / "r.json"), str(export / "pit_int8.tflite"))
 
     result = run("evaluate", f"--tflite={export / 'pit_int8.tflite'}", f"--output={export / 'r.json'}",
-                 "--target=folder", f"--target_root={tmp_path}", timeout=60)
+                 "--target=folder", f"--target_root={tmp_path}")
     assert result.returncode == 2
     assert result.stderr.strip().splitlines()[-1].startswith(f"error: --output={export / 'r.json'} lies inside")
     assert sorted(os.listdir(export)) == ["metadata.json", "pit_int8.tflite", "saved_model"]
@@ -254,7 +246,7 @@ def test_bad_inputs_are_refused_in_one_sentence_before_anything_is_written(case,
     overrides, message = refusal_case(case, tmp_path, data)
     model_dir = tmp_path / "run"
     args = [f"--{k}={v}" for k, v in overrides.items()]
-    result = run("train", *train_args(source, camera, model_dir), *args, timeout=60)
+    result = run("train", *train_args(source, camera, model_dir), *args)
     assert result.returncode == 2, result.stderr[-2000:]
     lines = result.stderr.strip().splitlines()
     assert lines[-1].startswith(f"error: {message}"), lines[-1]

@@ -15,7 +15,8 @@ import pytest
 import tensorflow as tf
 from sklearn.metrics.pairwise import additive_chi2_kernel
 
-from conftest import REPO
+from commands import run_in_process
+from conftest import REPO, write_run_config
 from pit_keras.adaptation import features as image_features, regressor
 from pit_keras.data import cityscapes, gta5
 from pit_keras.adaptation import soft_labels
@@ -97,7 +98,7 @@ def test_features_are_cached_once_per_key(small_extractor, tiny_benchmark, tmp_p
         .numpy()), training=False).numpy()
     np.testing.assert_allclose(first[1], eager[0], rtol=1e-4, atol=1e-5)
 
-    monkeypatch.setattr(regressor, "compute_features", lambda *a, **k: pytest.fail("recomputed a cached key"))
+    monkeypatch.setattr(image_features, "compute_features", lambda *a, **k: pytest.fail("recomputed a cached key"))
     again, again_path, hit = image_features.cached_features(small_extractor, paths, (64, 32), str(tmp_path),
                                                        progress=False)
     assert hit and again_path == path
@@ -114,8 +115,7 @@ def test_features_are_cached_once_per_key(small_extractor, tiny_benchmark, tmp_p
 def test_backbone_features_of_a_trained_run(tiny_benchmark, tmp_path):
     network = build_network("tiny", 19, num_units=3)
     tf.train.Checkpoint(network=network).save(str(tmp_path / "checkpoints" / "ckpt"))
-    (tmp_path / "run.json").write_text(json.dumps({"backbone": "tiny", "num_classes": 19, "method": "pit",
-                                                   "lse_r": [0.5, 1, 1.5]}))
+    write_run_config(tmp_path, method="pit", lse_r=(0.5, 1, 1.5))
     extractor = image_features.feature_extractor("backbone", None, (64, 32), model_dir=str(tmp_path))
     paths = [i for i, _ in gta5.list_pairs(str(tiny_benchmark / "gta5"))][:2]
     features = image_features.compute_features(extractor, paths, (64, 32), progress=False)
@@ -136,8 +136,7 @@ def test_backbone_features_of_a_trained_run(tiny_benchmark, tmp_path):
 def test_predicted_shares_of_a_trained_run(tiny_benchmark, tmp_path):
     network = build_network("tiny", 19, num_units=0)
     tf.train.Checkpoint(network=network).save(str(tmp_path / "checkpoints" / "ckpt"))
-    (tmp_path / "run.json").write_text(json.dumps({"backbone": "tiny", "num_classes": 19, "method": "minent",
-                                                   "lse_r": [1], "target_size": [64, 32]}))
+    write_run_config(tmp_path, method="minent", image_labels=None, lse_r=(1,), target_size=(64, 32))
     paths = [i for i, _ in gta5.list_pairs(str(tiny_benchmark / "gta5"))][:3]
     shares = regressor.predicted_shares(str(tmp_path), paths, 19, progress=False)
     for row, path in zip(shares, paths):
@@ -151,6 +150,8 @@ def test_predicted_shares_of_a_trained_run(tiny_benchmark, tmp_path):
 
 
 def run_cli(*args):
+    """`python -m pit_keras.image_labels ARGS` in a process of its own: the command's end-to-end test. The other
+    tests run it in theirs (tests/commands.py)."""
     env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
     return subprocess.run([sys.executable, "-m", "pit_keras.image_labels", *args], cwd=REPO, env=env,
                           capture_output=True, text=True, timeout=300)
@@ -175,7 +176,7 @@ def test_cli_writes_target_labels_and_reports_distances(tiny_benchmark, tmp_path
     assert "computed and cached features" in result.stdout
     assert len(os.listdir(tmp_path / "cache")) == 2  # source and target
 
-    bad = run_cli(*args[:-1], f"--output={tmp_path}")
+    bad = run_in_process("image_labels", *args[:-1], f"--output={tmp_path}")
     assert bad.returncode == 2 and "is a folder; name the JSON file" in bad.stderr.strip().splitlines()[-1]
     assert "Traceback" not in bad.stderr
 
@@ -184,18 +185,18 @@ def test_cli_with_predicted_shares_of_a_trained_run(tiny_benchmark, tmp_path):
     run_dir = tmp_path / "run"
     network = build_network("tiny", 19, num_units=0)
     tf.train.Checkpoint(network=network).save(str(run_dir / "checkpoints" / "ckpt"))
-    (run_dir / "run.json").write_text(json.dumps({"backbone": "tiny", "num_classes": 19, "method": "minent",
-                                                  "lse_r": [1], "target_size": [64, 32]}))
+    write_run_config(run_dir, method="minent", image_labels=None, lse_r=(1,), target_size=(64, 32))
     output = tmp_path / "labels.json"
-    result = run_cli("--source=gta5", f"--source_root={tiny_benchmark / 'gta5'}", "--target=cityscapes",
-                     f"--target_root={tiny_benchmark / 'cityscapes'}", "--features=predictions",
-                     f"--model_dir={run_dir}", f"--output={output}")
+    result = run_in_process("image_labels", "--source=gta5", f"--source_root={tiny_benchmark / 'gta5'}",
+                            "--target=cityscapes", f"--target_root={tiny_benchmark / 'cityscapes'}",
+                            "--features=predictions", f"--model_dir={run_dir}", f"--output={output}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"predicted by {run_dir}" in result.stdout and "  predictions " in result.stdout
     assert len(json.loads(output.read_text())) == 6
-    bad = run_cli("--source=gta5", f"--source_root={tiny_benchmark / 'gta5'}", "--target=cityscapes",
-                  f"--target_root={tiny_benchmark / 'cityscapes'}", "--features=predictions",
-                  f"--model_dir={run_dir}", f"--output={output}", "--feature_alignment=standardize")
+    bad = run_in_process("image_labels", "--source=gta5", f"--source_root={tiny_benchmark / 'gta5'}",
+                         "--target=cityscapes", f"--target_root={tiny_benchmark / 'cityscapes'}",
+                         "--features=predictions", f"--model_dir={run_dir}", f"--output={output}",
+                         "--feature_alignment=standardize")
     assert bad.returncode == 2 and "--feature_alignment=standardize does not apply" in bad.stderr
     assert "Traceback" not in bad.stderr
 
@@ -244,8 +245,7 @@ def tiny_run(tmp_path_factory):
             layer.gamma.assign(rng.uniform(0.5, 1.5, size=layer.gamma.shape))
             layer.beta.assign(rng.normal(scale=0.3, size=layer.beta.shape))
     tf.train.Checkpoint(network=network).save(str(run_dir / "checkpoints" / "ckpt"))
-    (run_dir / "run.json").write_text(json.dumps({"backbone": "tiny", "num_classes": 19, "method": "source_only",
-                                                  "lse_r": [1], "target_size": [64, 32]}))
+    write_run_config(run_dir, method="source_only", image_labels=None, lse_r=(1,), target_size=(64, 32))
     return run_dir, network
 
 
@@ -372,18 +372,18 @@ def test_feature_variants_are_refused_where_they_do_not_apply(tmp_path):
              "--feature_pooling=pyramid needs --features=backbone"),
             (("--features=predictions", f"--model_dir={tmp_path}", "--feature_stages=all"),
              "--feature_stages=all needs --features=backbone")):
-        bad = run_cli(*common, *args)
+        bad = run_in_process("image_labels", *common, *args)
         assert bad.returncode == 2 and bad.stderr.strip().splitlines()[-1].startswith(f"error: {message}")
 
 
 def test_cli_with_adabn_pyramid_features_of_all_stages(tiny_run, tiny_benchmark, tmp_path):
     run_dir, _ = tiny_run
     output = tmp_path / "labels.json"
-    result = run_cli("--source=gta5", f"--source_root={tiny_benchmark / 'gta5'}", "--target=cityscapes",
-                     f"--target_root={tiny_benchmark / 'cityscapes'}", "--features=backbone",
-                     f"--model_dir={run_dir}", "--image_size=64,32", "--epochs=2",
-                     "--feature_alignment=adabn_standardize", "--feature_pooling=pyramid", "--feature_stages=all",
-                     f"--cache_dir={tmp_path / 'cache'}", f"--output={output}")
+    result = run_in_process("image_labels", "--source=gta5", f"--source_root={tiny_benchmark / 'gta5'}",
+                            "--target=cityscapes", f"--target_root={tiny_benchmark / 'cityscapes'}",
+                            "--features=backbone", f"--model_dir={run_dir}", "--image_size=64,32", "--epochs=2",
+                            "--feature_alignment=adabn_standardize", "--feature_pooling=pyramid",
+                            "--feature_stages=all", f"--cache_dir={tmp_path / 'cache'}", f"--output={output}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("computed and cached features (368 dimensions)") == 2
     assert len(json.loads(output.read_text())) == 6 and "source-mean prior" in result.stdout

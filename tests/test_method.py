@@ -24,7 +24,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
+from conftest import REPO, run_config
 from pit_keras import losses
 from pit_keras.training import callbacks
 from pit_keras.training import checkpoints
@@ -57,19 +57,8 @@ def random_batch(n=2, size=32, seed=0, zero_shares=False):
 
 
 def benchmark_config(bench, **overrides):
-    """A run configuration on the tiny generated benchmark (conftest.tiny_benchmark)."""
-    config = {
-        "source": "gta5", "source_root": str(bench / "gta5"), "target": "cityscapes",
-        "target_root": str(bench / "cityscapes"), "source_size": [64, 32], "target_size": [64, 32],
-        "backbone": "tiny", "backbone_weights": "none", "num_classes": 19, "class_set": "cityscapes19",
-        "method": "pit", "lse_r": [0.5, 1.0, 1.5], "lse_normalize": False, "lambda_c": 0.5, "lambda_r": 0.5,
-        "lambda_ent": 0.001, "recon_domains": ["source", "target"], "loss_resolution": "feature",
-        "interaction_lr_multiplier": 1.0, "head_lr_multiplier": 1.0, "image_loss_reduction": "mean",
-        "image_labels": "ground_truth", "batch_size": 4, "num_steps": 4, "learning_rate": 0.01, "momentum": 0.9,
-        "weight_decay": 0.0, "poly_power": 0.9, "seed": 0,
-    }
-    config.update(overrides)
-    return config
+    """A `RunConfig` on the tiny generated benchmark (conftest.tiny_benchmark, conftest.run_config)."""
+    return run_config(bench, **overrides)
 
 
 def expect(check, mistake):
@@ -329,14 +318,14 @@ def test_eval_every_keeps_restores_and_reports_the_best_checkpoint(tiny_benchmar
 
     def check():
         assert best == {"step": 4, "miou": 30.0, "checkpoint": "ckpt-4"}, best
-        network = build_network("tiny", config["num_classes"], num_units=3)
+        network = build_network("tiny", config.num_classes, num_units=3)
         path = checkpoints.restore_network(network, str(model_dir), "best")
         assert path == str(model_dir / "best" / "ckpt-4")
         last = trainer.network.get_weights()
         restored = network.get_weights()
         # The restored weights are step 4's, not the last step's.
         assert any(not np.array_equal(a, b) for a, b in zip(restored, last))
-        network_at_4 = build_network("tiny", config["num_classes"], num_units=3)
+        network_at_4 = build_network("tiny", config.num_classes, num_units=3)
         tf.train.Checkpoint(network=network_at_4).restore(
             str(model_dir / "checkpoints" / "ckpt-4")).expect_partial()
         for a, b in zip(network_at_4.get_weights(), restored):
@@ -400,10 +389,12 @@ def test_poly_learning_rate_at_the_start_middle_and_end(monkeypatch, mistake):
 
 
 MIRRORED_MULTIPLIERS = textwrap.dedent("""
+    import dataclasses
     import json
     import numpy as np
     import tensorflow as tf
     import keras
+    from pit_keras.config import RunConfig
     from pit_keras.training import distribute
     from pit_keras.training import runner
     from pit_keras.models.network import build_network, head_variables, interaction_weights
@@ -416,7 +407,7 @@ MIRRORED_MULTIPLIERS = textwrap.dedent("""
              "source_label": rng.integers(0, C, (N, 32, 32)).astype(np.uint8),
              "target_image": rng.uniform(0, 255, (N, 32, 32, 3)).astype(np.float32),
              "target_image_labels": rng.dirichlet(np.ones(C), N).astype(np.float32)}
-    config = json.loads(__import__("sys").argv[1])
+    config = RunConfig.from_json(json.loads(__import__("sys").argv[1]))
     strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
     initial = None
 
@@ -425,7 +416,7 @@ MIRRORED_MULTIPLIERS = textwrap.dedent("""
         with strategy.scope():
             keras.utils.set_random_seed(0)
             network = build_network("tiny", C, 3)
-            trainer = runner.build_trainer({**config, **overrides}, network)
+            trainer = runner.build_trainer(dataclasses.replace(config, **overrides), network)
             if initial is None:
                 initial = [v.numpy() for v in network.trainable_variables]
             for v, value in zip(network.trainable_variables, initial):
@@ -464,7 +455,8 @@ MIRRORED_MULTIPLIERS = textwrap.dedent("""
         # Weight decay under the strategy: a zero-gradient step leaves the w^k alone, the rest shrinks.
         with strategy.scope():
             network = build_network("tiny", C, 3)
-            trainer = runner.build_trainer({**config, "weight_decay": 0.05, "learning_rate": 0.1}, network)
+            trainer = runner.build_trainer(dataclasses.replace(config, weight_decay=0.05, learning_rate=0.1),
+                                           network)
             trainer.optimizer.build(network.trainable_variables)
         w_before = interaction_weights(network).numpy()
         kernel = network.get_layer("fine_head").weights[0]
@@ -487,7 +479,7 @@ MIRRORED_MULTIPLIERS = textwrap.dedent("""
 @pytest.fixture(scope="module")
 def mirrored_multipliers():
     config = benchmark_config(REPO, num_classes=C, learning_rate=0.01, momentum=0.0)
-    result = run_python(MIRRORED_MULTIPLIERS, json.dumps(config))
+    result = run_python(MIRRORED_MULTIPLIERS, json.dumps(config.to_json()))
     assert result.returncode == 0, result.stderr[-3000:]
     return json.loads(result.stdout.strip().splitlines()[-1])
 
@@ -524,11 +516,12 @@ def test_weight_decay_skips_the_interaction_weights_under_mirrored_strategy(mirr
 WORKER = textwrap.dedent("""
     import json, sys
     import numpy as np
+    from pit_keras.config import RunConfig
     from pit_keras.training import distribute
     from pit_keras.training import runner
 
     strategy = distribute.make_strategy("multi_worker")
-    config = json.loads(sys.argv[1])
+    config = RunConfig.from_json(json.loads(sys.argv[1]))
     if sys.argv[4] == "shard_ignored":
         # The mistake: every worker reads the whole data set instead of its shard.
         real = runner.build_dataset
@@ -551,17 +544,17 @@ WORKER = textwrap.dedent("""
 def one_process_on_the_workers_batches(config, initial):
     """A single-process run from the same weights whose every global batch is worker 0's shard batch followed
     by worker 1's, as the two workers' replicas see them."""
-    keras.utils.set_random_seed(config["seed"])
-    network = build_network(config["backbone"], config["num_classes"], num_units=len(config["lse_r"]))
+    keras.utils.set_random_seed(config.seed)
+    network = build_network(config.backbone, config.num_classes, num_units=config.num_units)
     for v, value in zip(network.weights, initial):
         v.assign(value)
     trainer = runner.build_trainer(config, network)
     domains = runner.load_domains(config, trainer)
-    half = config["batch_size"] // 2
+    half = config.batch_size // 2
     shards = [runner.build_dataset(config, domains, half, shard=(2, i)) for i in range(2)]
     data = tf.data.Dataset.zip(tuple(shards)).map(
         lambda a, b: {key: tf.concat([a[key], b[key]], axis=0) for key in a})
-    trainer.fit(data, epochs=1, steps_per_epoch=config["num_steps"], verbose=0, shuffle=False)
+    trainer.fit(data, epochs=1, steps_per_epoch=config.num_steps, verbose=0, shuffle=False)
     return [v.numpy() for v in network.weights]
 
 
@@ -574,7 +567,7 @@ def test_two_workers_equal_one_process_fed_the_same_global_batches(tiny_benchmar
         env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
                "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
         workers.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, json.dumps(config), str(tmp_path / "run"), str(tmp_path / f"w{index}.npz"),
+            [sys.executable, "-c", WORKER, json.dumps(config.to_json()), str(tmp_path / "run"), str(tmp_path / f"w{index}.npz"),
              mistake or "right"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
     try:
         outputs = [w.communicate(timeout=240) for w in workers]

@@ -1,6 +1,11 @@
 """Faults a long run meets: a kill between checkpoints, a truncated checkpoint, SIGTERM, divergence, damaged
-data, a full disk. Each must cost at most the steps since the last checkpoint and explain itself."""
+data, a full disk. Each must cost at most the steps since the last checkpoint and explain itself.
 
+The shared trained run (conftest.py) is the uninterrupted run a killed one must equal, and (a copy of it) the run
+whose newest checkpoint is cut short. Refusals at start-up run in the test's process (tests/commands.py)."""
+
+import dataclasses
+import json
 import os
 import re
 import shutil
@@ -15,18 +20,23 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import REPO
+from commands import run_in_process
+from conftest import REPO, TRAINED_RUN_STEPS, run_config, trained_run_args
 from pit_keras.training import callbacks
 from pit_keras.training import checkpoints
 from pit_keras.errors import UserError
 from test_trainer import batches, make_trainer
 
 
+def train_args(bench, model_dir, *extra):
+    return ["--source=gta5", f"--source_root={bench / 'gta5'}", "--target=cityscapes",
+            f"--target_root={bench / 'cityscapes'}", "--source_size=64,32", "--target_size=64,32", "--batch_size=2",
+            "--learning_rate=0.05", "--log_every=10", "--image_every=0", "--image_labels=ground_truth",
+            "--evaluate=false", "--verbose=0", f"--model_dir={model_dir}", *extra]
+
+
 def train_command(bench, model_dir, *extra):
-    return [sys.executable, "-m", "pit_keras.train", "--source=gta5", f"--source_root={bench / 'gta5'}",
-            "--target=cityscapes", f"--target_root={bench / 'cityscapes'}", "--source_size=64,32",
-            "--target_size=64,32", "--batch_size=2", "--learning_rate=0.05", "--log_every=10", "--image_every=0",
-            "--image_labels=ground_truth", "--evaluate=false", "--verbose=0", f"--model_dir={model_dir}", *extra]
+    return [sys.executable, "-m", "pit_keras.train", *train_args(bench, model_dir, *extra)]
 
 
 def run(command, timeout=240):
@@ -41,10 +51,10 @@ def weights_of(model_dir, step):
     return {n: reader.get_tensor(n) for n in names}
 
 
-def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_benchmark, tmp_path):
-    steps = ["--num_steps=240", "--checkpoint_every=40", "--deterministic"]
-    killed = subprocess.Popen(train_command(tiny_benchmark, tmp_path / "killed", *steps), cwd=REPO,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+def test_sigkill_then_resume_equals_an_uninterrupted_run(trained_run, tiny_benchmark, tmp_path):
+    # The flags of the shared run (deterministic, a checkpoint every 40 steps), which is the uninterrupted run.
+    command = [sys.executable, "-m", "pit_keras.train", *trained_run_args(tiny_benchmark, tmp_path / "killed")]
+    killed = subprocess.Popen(command, cwd=REPO, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     marker = tmp_path / "killed" / "checkpoints" / "ckpt-80.index"
     deadline = time.time() + 180
     while not marker.exists() and killed.poll() is None and time.time() < deadline:
@@ -52,29 +62,28 @@ def test_sigkill_then_resume_equals_an_uninterrupted_run(tiny_benchmark, tmp_pat
     killed.kill()
     killed.wait()
     last = checkpoints.latest_checkpoint(str(tmp_path / "killed"))
-    assert last is not None and not last.endswith("ckpt-240"), "the run must be killed mid-way"
+    assert last is not None and not last.endswith(f"ckpt-{TRAINED_RUN_STEPS}"), "the run must be killed mid-way"
 
-    resumed = run(train_command(tiny_benchmark, tmp_path / "killed", *steps))
+    resumed = run(command)
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"resumed from {last}" in resumed.stdout
-    straight = run(train_command(tiny_benchmark, tmp_path / "straight", *steps))
-    assert straight.returncode == 0, straight.stderr[-2000:]
-    a, b = weights_of(tmp_path / "killed", 240), weights_of(tmp_path / "straight", 240)
+    straight = trained_run[0]
+    a, b = weights_of(tmp_path / "killed", TRAINED_RUN_STEPS), weights_of(straight, TRAINED_RUN_STEPS)
     assert a.keys() == b.keys()
     for name in a:
         np.testing.assert_allclose(a[name], b[name], rtol=1e-5, atol=1e-6, err_msg=name)
 
 
-def test_a_truncated_checkpoint_falls_back_to_the_previous_one(tiny_benchmark, tmp_path):
+def test_a_truncated_checkpoint_falls_back_to_the_previous_one(trained_run, tiny_benchmark, tmp_path):
     model_dir = tmp_path / "run"
-    first = run(train_command(tiny_benchmark, model_dir, "--num_steps=6", "--checkpoint_every=2"))
-    assert first.returncode == 0, first.stderr[-2000:]
-    data = next((model_dir / "checkpoints").glob("ckpt-6.data-*"))
+    shutil.copytree(trained_run[0], model_dir)  # the shared run: its newest checkpoints
+    last, previous = sorted(int(p.name[5:-6]) for p in (model_dir / "checkpoints").glob("ckpt-*.index"))[-1:-3:-1]
+    data = next((model_dir / "checkpoints").glob(f"ckpt-{last}.data-*"))
     data.write_bytes(data.read_bytes()[:100])
-    resumed = run(train_command(tiny_benchmark, model_dir, "--num_steps=8", "--checkpoint_every=2"))
+    resumed = run(train_command(tiny_benchmark, model_dir, f"--num_steps={last + 2}", "--checkpoint_every=2"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
-    assert "ckpt-6 is unreadable" in resumed.stdout
-    assert "resumed from" in resumed.stdout and "ckpt-4 at step 4" in resumed.stdout
+    assert f"ckpt-{last} is unreadable" in resumed.stdout
+    assert "resumed from" in resumed.stdout and f"ckpt-{previous} at step {previous}" in resumed.stdout
 
 
 def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tiny_benchmark, tmp_path):
@@ -192,7 +201,8 @@ def test_tensorboard_gets_the_last_steps_pictures_and_the_final_val_miou(damaged
 def test_missing_or_empty_dataset_folders_are_named(tmp_path):
     (tmp_path / "images").mkdir()
     (tmp_path / "labels").mkdir()
-    result = run(train_command(tmp_path.parent, tmp_path / "run", "--num_steps=2", f"--source_root={tmp_path}"))
+    result = run_in_process("train", *train_args(tmp_path.parent, tmp_path / "run", "--num_steps=2",
+                                                 f"--source_root={tmp_path}"))
     assert result.returncode == 2
     assert f"{tmp_path / 'images'}: no .png images found." in result.stderr
     assert not (tmp_path / "run").exists()  # a refused start leaves nothing behind
@@ -230,16 +240,18 @@ def test_non_finite_weights_are_never_checkpointed(tmp_path):
 
 
 def test_a_run_resumed_with_another_objective_is_refused(tmp_path):
-    config = {"backbone": "tiny", "num_classes": 19, "lse_r": [1.0], "method": "pit", "lse_normalize": True}
+    config = run_config(lse_r=(1.0,), lse_normalize=True)
     checkpoints.check_or_write_run_config(str(tmp_path), config)
     checkpoints.check_or_write_run_config(str(tmp_path), config)  # the same flags resume
     with pytest.raises(UserError, match="lse_normalize=True, not False"):
-        checkpoints.check_or_write_run_config(str(tmp_path), {**config, "lse_normalize": False})
+        checkpoints.check_or_write_run_config(str(tmp_path), dataclasses.replace(config, lse_normalize=False))
+    with pytest.raises(UserError, match=re.escape("holds a run with lse_r=[1.0], not [0.5, 1.0]")):
+        checkpoints.check_or_write_run_config(str(tmp_path), dataclasses.replace(config, lse_r=(0.5, 1.0)))
     # A run.json from before the key was recorded was trained with the old default (the paper's sum).
-    (tmp_path / "run.json").write_text('{"backbone": "tiny", "num_classes": 19, "lse_r": [1.0], "method": "pit"}')
+    old = {key: value for key, value in config.to_json().items() if key != "image_loss_reduction"}
+    (tmp_path / "run.json").write_text(json.dumps(old))
     with pytest.raises(UserError, match="image_loss_reduction=sum, not mean"):
-        checkpoints.check_or_write_run_config(str(tmp_path), {**config, "lse_normalize": False,
-                                                              "image_loss_reduction": "mean"})
+        checkpoints.check_or_write_run_config(str(tmp_path), config)
 
 
 def test_divergence_before_any_checkpoint_says_so():
@@ -259,7 +271,7 @@ def test_divergence_before_any_checkpoint_says_so():
 @pytest.mark.parametrize("flag", ["--learning_rate=nan", "--learning_rate=inf", "--learning_rate=0",
                                   "--momentum=-0.5", "--lambda_c=nan"])
 def test_numeric_flags_are_checked_before_anything_starts(tmp_path, flag):
-    result = run(train_command(tmp_path, tmp_path / "run", "--num_steps=2", flag))
+    result = run_in_process("train", *train_args(tmp_path, tmp_path / "run", "--num_steps=2", flag))
     assert result.returncode == 2, result.stderr[-2000:]
     assert f"--{flag.split('=')[0][2:]}=" in result.stderr and "Traceback" not in result.stderr
     assert not (tmp_path / "run").exists()
@@ -390,8 +402,7 @@ def untrained_run(model_dir):
     """A run folder (run.json and a checkpoint) of an untrained tiny network, without training."""
     from pit_keras.models.network import build_network
 
-    config = {"backbone": "tiny", "num_classes": 19, "lse_r": [1.0], "method": "pit", "class_set": "cityscapes19",
-              "target_size": [32, 16]}
+    config = run_config(lse_r=(1.0,), target_size=(32, 16))
     checkpoints.check_or_write_run_config(str(model_dir), config)
     network = build_network("tiny", 19, num_units=1)
     checkpoints.manager(network, None, str(model_dir)).save(checkpoint_number=0)
@@ -427,6 +438,6 @@ def test_two_images_that_would_write_the_same_outputs_are_refused(tmp_path):
 
     for name in ("a.png", "a.jpg", "b.png"):
         (tmp_path / name).write_bytes(b"")
-    images = images.list_images(str(tmp_path))
+    listed = images.list_images(str(tmp_path))
     with pytest.raises(UserError, match="a.jpg and .*a.png would write the same outputs \\(a_labelTrainIds.png\\)"):
-        images.output_names(images, str(tmp_path))
+        images.output_names(listed, str(tmp_path))

@@ -2,6 +2,7 @@
 weight against numpy, ClassMix alignment, teacher BatchNorm modes, and a mirrored step that equals a one-device
 step with self-training and ClassMix on."""
 
+import dataclasses
 import subprocess
 import sys
 import textwrap
@@ -12,7 +13,7 @@ import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO
+from conftest import REPO, run_config
 from pit_keras import losses
 from pit_keras.adaptation import self_training
 from pit_keras.models.network import build_network
@@ -315,10 +316,12 @@ def test_a_runs_prior_is_read_as_the_target_image_labels(tmp_path):
     keys = [runner.relative_key(str(root), image) for image, _ in pairs]
     rows = np.asarray([[0.5, 0.5, 0, 0, 0], [0, 0, 1.0, 0, 0]], np.float32)
     soft_labels.write_json(str(tmp_path / "prior.json"), keys, rows)
-    config = {"image_labels": "teacher", "num_classes": C, "image_labels_prior": str(tmp_path / "prior.json")}
+    config = run_config(image_labels="teacher", self_training=True, num_classes=C,
+                        image_labels_prior=str(tmp_path / "prior.json"))
     np.testing.assert_allclose(runner.target_image_labels(config, pairs, None, str(root)), rows)
-    config["image_labels_prior"] = None  # without a prior the teacher's labels are computed in the step
-    assert not runner.target_image_labels(config, pairs, None, str(root)).any()
-    config["image_labels_prior"] = str(tmp_path / "missing.json")
+    # Without a prior the teacher's labels are computed in the step.
+    without = dataclasses.replace(config, image_labels_prior=None)
+    assert not runner.target_image_labels(without, pairs, None, str(root)).any()
+    missing = dataclasses.replace(config, image_labels_prior=str(tmp_path / "missing.json"))
     with pytest.raises(Exception, match="--image_labels_prior="):
-        runner.target_image_labels(config, pairs, None, str(root))
+        runner.target_image_labels(missing, pairs, None, str(root))

@@ -1,17 +1,16 @@
 """SYNTHIA-RAND-CITYSCAPES: 16-bit multi-channel labels in the official layout, the 16-class id map, and a
-Cityscapes target read in the 16-class space; plus a one-step SYNTHIA -> Cityscapes run through the CLI."""
+Cityscapes target read in the 16-class space; plus a one-step SYNTHIA -> Cityscapes run through the CLI (in the
+test's process, tests/commands.py)."""
 
 import json
 import os
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
 from PIL import Image
 
-from conftest import REPO
+from commands import run_in_process
 from pit_keras.data import datasets, pipeline, synthia
 from pit_keras.errors import UserError
 
@@ -142,13 +141,11 @@ def test_synthia_run_trains_and_evaluates_in_16_classes(tmp_path):
     write_cityscapes_frame(target, "train", rng.choice([7, 8, 22, 26, 27], (32, 64)))
     write_cityscapes_frame(target, "val", rng.choice([7, 8, 22, 26, 27], (32, 64)))
     model_dir = tmp_path / "run"
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run(
-        [sys.executable, "-m", "pit_keras.train", "--source=synthia", f"--source_root={source}",
-         "--target=cityscapes", f"--target_root={target}", "--source_size=64,32", "--target_size=64,32",
-         "--batch_size=1", "--num_steps=1", "--log_every=1", "--image_every=0", "--checkpoint_every=1",
-         "--method=pit", "--image_labels=ground_truth", f"--model_dir={model_dir}", "--verbose=0"],
-        cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    result = run_in_process(
+        "train", "--source=synthia", f"--source_root={source}", "--target=cityscapes", f"--target_root={target}",
+        "--source_size=64,32", "--target_size=64,32", "--batch_size=1", "--num_steps=1", "--log_every=1",
+        "--image_every=0", "--checkpoint_every=1", "--method=pit", "--image_labels=ground_truth",
+        f"--model_dir={model_dir}", "--verbose=0")
     assert result.returncode == 0, result.stderr[-2000:]
     run = json.loads((model_dir / "run.json").read_text())
     assert run["num_classes"] == 16 and run["class_set"] == "synthia16"

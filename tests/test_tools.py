@@ -1,5 +1,5 @@
-"""tools/results_table.py (aggregation, the page, resume) on fake finished runs, and tools/figures.py on tiny
-trained runs."""
+"""tools/results_table.py (aggregation, the page, resume) on fake finished runs, and tools/figures.py on the
+shared trained run (conftest.py) and an untrained one."""
 
 import importlib.util
 import json
@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
+from conftest import REPO, run_config
 from pit_keras.errors import UserError
 
 
@@ -214,29 +214,18 @@ def test_regressor_rows_get_their_own_labels(tmp_path):
 
 
 @pytest.fixture(scope="module")
-def tiny_runs(tiny_benchmark, tmp_path_factory):
-    """A PIT run (two units) trained for two steps on the tiny benchmark, and an untrained source-only run
-    folder (run.json and a checkpoint of its initial weights)."""
+def tiny_runs(trained_run, tiny_benchmark, tmp_path_factory):
+    """The shared PIT run (three units, trained on the tiny benchmark; conftest.py), and an untrained source-only
+    run folder (run.json and a checkpoint of its initial weights)."""
     import keras
 
     from pit_keras.training import checkpoints
-    from pit_keras.training import runner
     from pit_keras.models.network import build_network
 
-    config = {
-        "source": "gta5", "source_root": str(tiny_benchmark / "gta5"), "target": "cityscapes",
-        "target_root": str(tiny_benchmark / "cityscapes"), "source_size": [64, 32], "target_size": [64, 32],
-        "backbone": "tiny", "backbone_weights": "none", "num_classes": 19, "class_set": "cityscapes19",
-        "method": "pit", "lse_r": [0.5, 1.0], "lse_normalize": False, "lambda_c": 0.5, "lambda_r": 0.5,
-        "lambda_ent": 0.001, "recon_domains": ["source", "target"], "loss_resolution": "feature",
-        "interaction_lr_multiplier": 0.01, "image_labels": "ground_truth", "batch_size": 2, "num_steps": 2,
-        "learning_rate": 0.01, "momentum": 0.9, "weight_decay": 0.0, "poly_power": 0.9, "seed": 0,
-    }
+    baseline = run_config(tiny_benchmark, method="source_only", image_labels=None, lse_r=(0.5, 1.0),
+                          interaction_lr_multiplier=0.01, image_loss_reduction="sum", batch_size=2, num_steps=2)
     root = tmp_path_factory.mktemp("tool_runs")
-    runs = {"pit": root / "pit", "source_only": root / "source_only"}
-    runner.run(config, str(runs["pit"]), log_every=2, image_every=0, checkpoint_every=2, evaluate=False,
-                 verbose=0)
-    baseline = {**config, "method": "source_only", "image_labels": None}
+    runs = {"pit": trained_run[0], "source_only": root / "source_only"}
     checkpoints.check_or_write_run_config(str(runs["source_only"]), baseline)
     optimizer = keras.optimizers.SGD()
     checkpoints.manager(build_network("tiny", 19, num_units=0), optimizer, str(runs["source_only"])).save()
@@ -253,7 +242,8 @@ def test_figures_from_tiny_runs(tiny_runs, tmp_path):
         assert fig2.size == (4 * panel_w + 3 * figures.GAP, 2 * panel_h + figures.GAP)
         fig2 = np.asarray(fig2)
     # The truth panel of the first image (val #0 of 3) shows its label file in the palette.
-    config, _ = figures.load_run(str(tiny_runs["pit"]))
+    from pit_keras import runs
+    config = runs.read_config(str(tiny_runs["pit"]))
     pairs, reader = figures.target_split(config, "val")
     from pit_keras import visualize
     from pit_keras.data import classes
@@ -261,8 +251,8 @@ def test_figures_from_tiny_runs(tiny_runs, tmp_path):
     top, left = figures.CAPTION_HEIGHT, panel_w + figures.GAP
     np.testing.assert_array_equal(fig2[top:top + 32, left:left + 64], truth)
     with Image.open(written[1]) as fig3:
-        # Up to two classes of the first image; the image, then one heat map per unit.
-        assert fig3.size[0] == 3 * panel_w + 2 * figures.GAP
+        # Up to two classes of the first image; the image, then one heat map per unit (three).
+        assert len(config.lse_r) == 3 and fig3.size[0] == 4 * panel_w + 3 * figures.GAP
         assert fig3.size[1] in (panel_h, 2 * panel_h + figures.GAP)
         assert np.asarray(fig3).std() > 0
 

@@ -37,6 +37,8 @@ from pit_keras import console  # noqa: E402
 if __name__ == "__main__":
     console.configure_from_argv()  # before the imports below load TensorFlow
 
+from pit_keras import runs
+from pit_keras.config import RunConfig
 from pit_keras.training import checkpoints
 from pit_keras.deploy import exporting
 from pit_keras.data import images
@@ -87,9 +89,9 @@ def untrained_run(backbone, size, folder, calibration_count):
     synthetic.generate(root, num_source=1, num_target_train=calibration_count, num_target_val=1, size=size, seed=0)
     run_dir = os.path.join(folder, f"untrained_{backbone}")
     network = build_network(backbone, classes.CITYSCAPES19.num_classes, num_units=0, backbone_weights="none")
-    config = {"backbone": backbone, "backbone_weights": "none", "num_classes": classes.CITYSCAPES19.num_classes,
-              "class_set": classes.CITYSCAPES19.name, "method": "source_only", "lse_r": [], "target": "cityscapes",
-              "target_root": os.path.join(root, "cityscapes"), "target_size": list(size), "untrained": True}
+    config = RunConfig(backbone=backbone, backbone_weights="none", method="source_only", lse_r=(),
+                       source_root=os.path.join(root, "gta5"), target="cityscapes",
+                       target_root=os.path.join(root, "cityscapes"), target_size=size)
     checkpoints.check_or_write_run_config(run_dir, config)
     checkpoints.manager(network, None, run_dir).save(checkpoint_number=0)
     return run_dir
@@ -97,14 +99,14 @@ def untrained_run(backbone, size, folder, calibration_count):
 
 def benchmark(model_dir, export_dir, size, warmup, repeats, threads, max_images, with_miou):
     """The rows of the table: one dict per format and, for .tflite models, per thread count and kernel set."""
-    config = checkpoints.read_run_config(model_dir)
-    class_set = classes.CLASS_SETS[config["class_set"]]
+    config = runs.read_config(model_dir)
+    class_set = config.classes
     pairs = reader = None
     if with_miou:
-        pairs, reader, _ = datasets.target_pairs(config["target"], config["target_root"], "val", require_labels=True)
+        pairs, reader, _ = datasets.target_pairs(config.target, config.target_root, "val", require_labels=True)
         pairs = pairs[:max_images] if max_images else pairs
     image = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
-    target_size = tuple(config["target_size"])
+    target_size = config.target_size
     candidates = []
     if with_miou:
         candidates += [("keras (model_dir)", model_dir, None, target_size),
@@ -119,7 +121,7 @@ def benchmark(model_dir, export_dir, size, warmup, repeats, threads, max_images,
             (count, xnnpack) for xnnpack in (True, False) for count in threads]
         for count, xnnpack in settings:
             predictor = predictors.load_predictor(path, num_threads=count, xnnpack=xnnpack is not False)
-            row = {"backbone": config["backbone"], "format": name,
+            row = {"backbone": config.backbone, "format": name,
                    "size_mb": None if size_bytes is None else size_bytes / 1e6,
                    "network_input": list(network_size or (predictor.input_width, predictor.input_height)),
                    "threads": count, "xnnpack": xnnpack,
@@ -193,10 +195,10 @@ def main():
                              formats=formats, log=lambda line: print(line, file=sys.stderr))
         rows = benchmark(model_dir, export_dir, size, args.warmup, args.repeats, threads, args.max_images,
                          with_miou=bool(args.model_dir))
-        config = checkpoints.read_run_config(model_dir)
+        config = runs.read_config(model_dir)
     reports.write_json({"model_dir": os.path.abspath(args.model_dir) if args.model_dir else None,
-                        "backbone": config["backbone"], "untrained": bool(args.backbone),
-                        "target_size": config["target_size"], "latency_size": list(size), "threads": list(threads),
+                        "backbone": config.backbone, "untrained": bool(args.backbone),
+                        "target_size": list(config.target_size), "latency_size": list(size), "threads": list(threads),
                         "warmup": args.warmup, "repeats": args.repeats, "cpu_count": os.cpu_count(),
                         "rows": rows}, args.output)
     print(table(rows, size, threads))

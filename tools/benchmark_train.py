@@ -44,6 +44,7 @@ the other training processes that ran: timings taken while other jobs run are no
 """
 
 import argparse
+import dataclasses
 import json
 import os
 import platform
@@ -135,24 +136,18 @@ def parse_case(name):
 
 
 def base_config(args, method):
-    """A run configuration like `train.parse_config` makes, with the demo's optimizer settings."""
-    size = list(args.size)
-    return {
-        "source": "gta5", "source_root": os.path.join(args.data_root, "gta5"),
-        "target": "cityscapes", "target_root": os.path.join(args.data_root, "cityscapes"),
-        "source_size": size, "target_size": size, "backbone": args.backbone, "backbone_weights": "none",
-        "num_classes": 19, "class_set": "cityscapes19", "method": method, "lse_r": [0.5, 1.0, 1.5],
-        "lse_normalize": True, "lambda_c": 0.5, "lambda_r": 0.5, "lambda_ent": 0.001,
-        "recon_domains": ["source", "target"], "loss_resolution": "feature", "interaction_lr_multiplier": 1.0,
-        "image_loss_reduction": "mean", "image_labels": "ground_truth" if method == "pit" else None,
-        "head_lr_multiplier": 1.0, "image_label_kind": "shares", "recon_stop_gradient": "none",
-        "recon_space": "logits", "self_training": False, "lambda_st": 1.0, "st_ema": 0.99, "st_threshold": 0.968,
-        "st_teacher_bn": "target_batch", "st_classmix": True, "st_start": 0, "st_ramp": 0, "st_flip": False,
-        "batch_size": args.batch_size,
-        "num_steps": 200000, "learning_rate": args.learning_rate, "momentum": 0.9, "weight_decay": 0.0001,
-        "poly_power": 0.9,
-        "seed": 0, "mixed_precision": "float32", "jit_compile": False,
-    }
+    """A `RunConfig` like `train.parse_config` makes (the train flags' defaults), with the demo's optimizer
+    settings."""
+    from pit_keras.config import RunConfig
+
+    size = tuple(args.size)
+    return RunConfig(
+        source="gta5", source_root=os.path.join(args.data_root, "gta5"),
+        target="cityscapes", target_root=os.path.join(args.data_root, "cityscapes"),
+        source_size=size, target_size=size, backbone=args.backbone, backbone_weights="none", method=method,
+        image_labels="ground_truth" if method == "pit" else None, batch_size=args.batch_size,
+        num_steps=200000, learning_rate=args.learning_rate, momentum=0.9, weight_decay=0.0001, poly_power=0.9,
+        seed=0)
 
 
 # === One case, in this process ===
@@ -164,11 +159,11 @@ def compile_like_build_trainer(trainer, config):
     from pit_keras.models.network import interaction_weights
 
     schedule = keras.optimizers.schedules.PolynomialDecay(
-        config["learning_rate"], decay_steps=config["num_steps"], end_learning_rate=0.0, power=config["poly_power"])
-    optimizer = keras.optimizers.SGD(schedule, momentum=config["momentum"], weight_decay=config["weight_decay"] or None)
-    if config["weight_decay"] and trainer.method == "pit":
+        config.learning_rate, decay_steps=config.num_steps, end_learning_rate=0.0, power=config.poly_power)
+    optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum, weight_decay=config.weight_decay or None)
+    if config.weight_decay and trainer.method == "pit":
         optimizer.exclude_from_weight_decay(var_list=[interaction_weights(trainer.network)])
-    trainer.compile(optimizer=optimizer, jit_compile=config["jit_compile"])
+    trainer.compile(optimizer=optimizer, jit_compile=config.jit_compile)
     return trainer
 
 
@@ -176,7 +171,7 @@ def trainer_kwargs(config):
     """The `PITTrainer` arguments `runner.build_trainer` takes from a config."""
     keys = ("method", "lse_r", "lse_normalize", "lambda_c", "lambda_r", "lambda_ent", "recon_domains",
             "loss_resolution", "interaction_lr_multiplier", "image_loss_reduction")
-    return {k: config[k] for k in keys}
+    return {k: getattr(config, k) for k in keys}
 
 
 def make_reference_trainer(network, config, backward):
@@ -201,7 +196,7 @@ def make_reference_trainer(network, config, backward):
             terms["trg_ref"] = value if backward else tf.stop_gradient(value)
             return terms
 
-    trainer = TwoDomainReference(network, config["num_classes"], **trainer_kwargs(config))
+    trainer = TwoDomainReference(network, config.num_classes, **trainer_kwargs(config))
     trainer.term_weights["trg_ref"] = 0.0
     trainer.trackers["trg_ref"] = keras.metrics.Mean(name="trg_ref")
     return compile_like_build_trainer(trainer, config)
@@ -221,7 +216,7 @@ def make_joint_forward_trainer(network, config):
     from pit_keras import losses
     from pit_keras.training.trainer import PITTrainer
 
-    units = len(config["lse_r"])
+    units = len(config.lse_r)
     heads = {"seg_feat": "fine_head", **{f"cam_{k}_feat": f"coarse_head_{k}" for k in range(units)}}
     features = keras.Model(network.input, {key: network.get_layer(name).output for key, name in heads.items()})
     upsample = network.get_layer("seg")
@@ -240,7 +235,7 @@ def make_joint_forward_trainer(network, config):
             terms.update(self._pit_terms(target, batch["target_image_labels"], "target"))
             return terms
 
-    trainer = JointForwardPIT(network, config["num_classes"], **trainer_kwargs(config))
+    trainer = JointForwardPIT(network, config.num_classes, **trainer_kwargs(config))
     return compile_like_build_trainer(trainer, config)
 
 
@@ -269,7 +264,8 @@ def training_data(args, config, case, domains):
     from pit_keras.training import runner
 
     if case["pipeline"]:
-        return runner.build_dataset({**config, "cache_images": case["cached"]}, domains, args.batch_size)
+        return runner.build_dataset(dataclasses.replace(config, cache_images=case["cached"]), domains,
+                                    args.batch_size)
     batch = next(iter(runner.build_dataset(config, domains, args.batch_size)))
     return tf.data.Dataset.from_tensors(batch).repeat()
 
@@ -285,12 +281,12 @@ class TrainingSteps:
 
         method, overrides, units, _ = TRAIN_BASES[case["base"]]
         trainer_method = "source_only" if method.startswith("reference") else method
-        config = {**base_config(args, trainer_method), **overrides, "jit_compile": case["xla"],
-                  "mixed_precision": case["policy"]}
+        config = dataclasses.replace(base_config(args, trainer_method), **overrides, jit_compile=case["xla"],
+                                     mixed_precision=case["policy"])
         keras.mixed_precision.set_global_policy(case["policy"])
         keras.utils.set_random_seed(0)
-        self.network = build_network(args.backbone, config["num_classes"],
-                                     num_units=len(config["lse_r"]) if units is None else units,
+        self.network = build_network(args.backbone, config.num_classes,
+                                     num_units=len(config.lse_r) if units is None else units,
                                      aspp_implementation="conv" if case["asppconv"] else "matmul")
         if method.startswith("reference"):
             trainer = make_reference_trainer(self.network, config, backward=method == "reference_bwd")

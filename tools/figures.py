@@ -12,7 +12,7 @@
   p = sigmoid(s^k(c)) and the class's true share y(c). Only for PIT runs (the baselines have no units).
 
 Images are picked evenly over the val split (not by how well the method does on them) unless `--images` names
-them. Networks are rebuilt from each run's run.json and its newest checkpoint. Captions use Pillow's default
+them. Networks are rebuilt from each run's run.json and its newest checkpoint (`pit_keras.runs.load_run`). Captions use Pillow's default
 font; a figure over `--max_kb` as an RGB PNG is written with a 256-colour palette.
 """
 
@@ -51,24 +51,12 @@ BACKGROUND = (255, 255, 255)
 # --- Runs ---
 
 
-def load_run(model_dir):
-    """`(config, network)` of a run folder: the network rebuilt from run.json with the newest checkpoint."""
-    from pit_keras.training import checkpoints
-    from pit_keras.models.network import build_network
-
-    config = checkpoints.read_run_config(model_dir)
-    units = len(config["lse_r"]) if config["method"] == "pit" else 0
-    network = build_network(config["backbone"], config["num_classes"], num_units=units, backbone_weights="none")
-    checkpoints.restore_network(network, model_dir)
-    return config, network
-
-
 def target_split(config, split):
-    """(image, label) pairs and the label reader of the run's target split."""
+    """(image, label) pairs and the label reader of the run's target split (`config`: its `RunConfig`)."""
     from pit_keras.data import datasets
 
-    pairs, reader, _ = datasets.target_pairs(config["target"], config["target_root"], split,
-                                             require_labels=True, num_classes=config["num_classes"])
+    pairs, reader, _ = datasets.target_pairs(config.target, config.target_root, split,
+                                             require_labels=True, num_classes=config.num_classes)
     return pairs, reader
 
 
@@ -155,19 +143,19 @@ def save_png(picture, path, max_kb=None):
 
 
 def run_name(config):
-    if config["method"] != "pit":
-        name = {"source_only": "source only", "minent": "MinEnt"}.get(config["method"], config["method"])
-        return f"{name} + self-training" if config.get("self_training") else name
-    labels = config.get("image_labels")
-    name = "PIT (GT image labels)" if labels == "ground_truth" else "PIT"
-    return f"{name} + self-training" if config.get("self_training") else name
+    if config.method != "pit":
+        name = {"source_only": "source only", "minent": "MinEnt"}.get(config.method, config.method)
+        return f"{name} + self-training" if config.self_training else name
+    name = "PIT (GT image labels)" if config.image_labels == "ground_truth" else "PIT"
+    return f"{name} + self-training" if config.self_training else name
 
 
 # --- Figures ---
 
 
 def figure2(runs, pairs, reader, indices, class_set):
-    """Fig. 2: per image, the image, its truth and each run's prediction (captioned with the image's mIoU)."""
+    """Fig. 2: per image, the image, its truth and each run's prediction (captioned with the image's mIoU);
+    `runs`: `pit_keras.runs.LoadedRun`s."""
     from pit_keras import visualize
     from pit_keras.data import pipeline
 
@@ -179,12 +167,12 @@ def figure2(runs, pairs, reader, indices, class_set):
         original = pipeline.load_image(image_path).numpy()
         row = [panel(original, f"target val #{index}", size),
                panel(visualize.colorize(label, class_set), "ground truth", size)]
-        for config, network in runs:
-            image = pipeline.load_image(image_path, config["target_size"])
-            _, seg = network_outputs(network, image, label.shape)
+        for run in runs:
+            image = pipeline.load_image(image_path, run.config.target_size)
+            _, seg = network_outputs(run.network, image, label.shape)
             prediction = seg.argmax(-1).astype(np.uint8)
             miou = image_miou(label, prediction, class_set.num_classes)
-            row.append(panel(visualize.colorize(prediction, class_set), f"{run_name(config)}, mIoU {miou:.1f}",
+            row.append(panel(visualize.colorize(prediction, class_set), f"{run_name(run.config)}, mIoU {miou:.1f}",
                              size))
         rows.append(row)
     return grid(rows)
@@ -215,9 +203,9 @@ def figure3(config, network, pairs, reader, index, class_set, preferred, count):
     label = reader(label_path)
     size = (label.shape[1], label.shape[0])
     original = pipeline.load_image(image_path, size).numpy()
-    outputs, _ = network_outputs(network, pipeline.load_image(image_path, config["target_size"]), label.shape)
-    lse_r = config["lse_r"]
-    key = "cam_{}_feat" if config.get("loss_resolution", "feature") == "feature" else "cam_{}"
+    outputs, _ = network_outputs(network, pipeline.load_image(image_path, config.target_size), label.shape)
+    lse_r = config.lse_r
+    key = "cam_{}_feat" if config.loss_resolution == "feature" else "cam_{}"
     chosen, shares = pick_classes(label, class_set, preferred, count)
     rows = []
     for c in chosen:
@@ -226,7 +214,7 @@ def figure3(config, network, pairs, reader, index, class_set, preferred, count):
         row = [panel(visualize.overlay(original, tint, 0.6), f"#{index} {name} (truth)", size)]
         for k, r in enumerate(lse_r):
             cam_at_input = tf.image.resize(outputs[f"cam_{k}"][None], label.shape, method="bilinear")[0].numpy()
-            pooled = losses.lse_pool(outputs[key.format(k)][None], r, config.get("lse_normalize", False))
+            pooled = losses.lse_pool(outputs[key.format(k)][None], r, config.lse_normalize)
             probability = float(tf.sigmoid(pooled)[0, c])
             heat = visualize.heatmap(cam_at_input[..., c])
             row.append(panel(heat, f"unit {k + 1}, r={r:g}: p={probability:.2f}, y={shares[c]:.2f}", size))
@@ -237,18 +225,20 @@ def figure3(config, network, pairs, reader, index, class_set, preferred, count):
 def make_figures(model_dir, output_dir, compare_dir=None, num_images=3, images=(), classes=(), num_classes=3,
                  split="val", max_kb=300):
     """Writes fig2_predictions.png and (for a PIT run) fig3_cams.png; returns the paths written."""
-    from pit_keras.data import classes as class_tables
+    from pit_keras import runs as run_folders
 
-    config, network = load_run(model_dir)
-    runs = [(config, network)]
+    shown = run_folders.load_run(model_dir)
+    config, network = shown.config, shown.network
+    runs = [shown]
     if compare_dir:
-        compare = load_run(compare_dir)
+        compare = run_folders.load_run(compare_dir)
         for key in ("num_classes", "target", "target_root"):
-            if compare[0].get(key) != config.get(key):
-                raise UserError(f"--compare_dir={compare_dir} has {key}={compare[0].get(key)}, but --model_dir="
-                                f"{model_dir} has {config.get(key)}; compare runs on the same target.")
+            if getattr(compare.config, key) != getattr(config, key):
+                raise UserError(f"--compare_dir={compare_dir} has {key}={getattr(compare.config, key)}, but "
+                                f"--model_dir={model_dir} has {getattr(config, key)}; compare runs on the same "
+                                "target.")
         runs.insert(0, compare)
-    class_set = class_tables.CLASS_SETS[config["class_set"]]
+    class_set = config.classes
     unknown = [name for name in classes if name not in class_set.names]
     if unknown:
         raise UserError(f"--classes: {unknown[0]!r} is not a class of this run ({', '.join(class_set.names)}).")
@@ -256,8 +246,8 @@ def make_figures(model_dir, output_dir, compare_dir=None, num_images=3, images=(
     indices = pick_images(len(pairs), num_images, list(images))
     written = [os.path.join(output_dir, "fig2_predictions.png")]
     save_png(figure2(runs, pairs, reader, indices, class_set), written[0], max_kb)
-    if config["method"] != "pit":
-        print(f"no Fig. 3: {model_dir} is a {config['method']} run, without region-expansion units")
+    if config.method != "pit":
+        print(f"no Fig. 3: {model_dir} is a {config.method} run, without region-expansion units")
         return written
     written.append(os.path.join(output_dir, "fig3_cams.png"))
     save_png(figure3(config, network, pairs, reader, indices[0], class_set, list(classes), num_classes),

@@ -20,11 +20,9 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pit_keras import atomic
-from pit_keras.training import checkpoints
+from pit_keras import atomic, runs
 from pit_keras.data import pipeline
 from pit_keras.errors import UserError
-from pit_keras.models.network import build_network
 
 DEFAULT_FEATURES = "InceptionResNetV2"
 BACKBONE_FEATURES = "backbone"
@@ -194,15 +192,12 @@ def feature_extractor(name=DEFAULT_FEATURES, weights="imagenet", image_size=(512
     if name == BACKBONE_FEATURES:
         if not model_dir:
             raise UserError(f"--features={BACKBONE_FEATURES} needs --model_dir (a training run folder).")
-        config = checkpoints.read_run_config(model_dir)
-        units = len(config["lse_r"]) if config["method"] == "pit" else 0
-        network = build_network(config["backbone"], config["num_classes"], num_units=units)
-        checkpoint = checkpoints.restore_network(network, model_dir)
+        config, network, checkpoint = runs.load_run(model_dir)
         backbone = next(layer for layer in network.layers if isinstance(layer, keras.Model))
-        model = _backbone_feature_model(backbone, config["backbone"], (height, width), batch_norm, pooling,
+        model = _backbone_feature_model(backbone, config.backbone, (height, width), batch_norm, pooling,
                                         stages, feature_alignment)
         # Each backbone preprocesses inside its graph; the checkpoint's files identify its weights.
-        key = {"features": name, "backbone": config["backbone"],
+        key = {"features": name, "backbone": config.backbone,
                "checkpoint": [_file_identity(p) for p in sorted(tf.io.gfile.glob(checkpoint + "*"))],
                "batch_norm": batch_norm, "pooling": pooling, "stages": stages}
         if batch_norm == "batch":

@@ -14,14 +14,14 @@ import keras
 import numpy as np
 import tensorflow as tf
 
-from pit_keras.training import checkpoints
+from pit_keras import runs
 from pit_keras.data import cityscapes, datasets, pipeline
 from pit_keras.adaptation import soft_labels
 from pit_keras.adaptation.features import (DEFAULT_FEATURES, FEATURE_BATCH_SIZE, PREDICTION_FEATURES,
                                            SOFT_PREDICTION_FEATURES, align_features, alignment_steps,
                                            cached_features, feature_extractor)
 from pit_keras.errors import UserError
-from pit_keras.models.network import build_network, fine_segmenter
+from pit_keras.models.network import fine_segmenter
 
 LEARNING_RATE = 1e-4
 MOMENTUM = 0.9
@@ -122,14 +122,11 @@ def predicted_shares(model_dir, image_paths, num_classes, batch_size=FEATURE_BAT
     """
     if not model_dir:
         raise UserError(f"--features={PREDICTION_FEATURES} needs --model_dir (a trained run).")
-    config = checkpoints.read_run_config(model_dir)
-    if config["num_classes"] != num_classes:
-        raise UserError(f"--model_dir={model_dir} predicts {config['num_classes']} classes, not {num_classes}.")
-    units = len(config["lse_r"]) if config["method"] == "pit" else 0
-    network = build_network(config["backbone"], config["num_classes"], num_units=units)
-    checkpoints.restore_network(network, model_dir)
-    segmenter = fine_segmenter(network)
-    size = tuple(config["target_size"])
+    config = runs.read_config(model_dir)
+    if config.num_classes != num_classes:
+        raise UserError(f"--model_dir={model_dir} predicts {config.num_classes} classes, not {num_classes}.")
+    segmenter = fine_segmenter(runs.load_run(model_dir).network)
+    size = config.target_size
     rows = []
     for start in range(0, len(image_paths), batch_size):
         images = tf.stack([pipeline.load_image(tf.constant(p), size) for p in image_paths[start:start + batch_size]])

@@ -101,7 +101,7 @@ def calibration_images(config, input_size, count):
     import tensorflow as tf
     from pit_keras.data import datasets, pipeline
 
-    pairs, _, _ = datasets.target_pairs(config["target"], config["target_root"], "train")
+    pairs, _, _ = datasets.target_pairs(config.target, config.target_root, "train")
     images = []
     for path, _ in pairs[:count]:
         image = pipeline.load_image(path, input_size)
@@ -179,7 +179,7 @@ def build_metadata(model_dir, config, checkpoint, saved_model, tflite_size, tfli
 
     Args:
         model_dir: the training run folder.
-        config: its `run.json`.
+        config: its `RunConfig`.
         checkpoint: the exported checkpoint's path.
         saved_model: whether the export holds the SavedModel.
         tflite_size: (W, H) of the TFLite input.
@@ -188,15 +188,15 @@ def build_metadata(model_dir, config, checkpoint, saved_model, tflite_size, tfli
         files: `file_sizes` of the export folder.
         mediapipe: whether the `.tflite` models carry MediaPipe ImageSegmenter metadata.
     """
-    class_set = classes.CLASS_SETS[config["class_set"]]
-    target_width, target_height = config["target_size"]
+    class_set = config.classes
+    target_width, target_height = config.target_size
     return {
         "class_set": class_set.name,
         "classes": list(class_set.names),
         "palette": [list(colour) for colour in class_set.palette],
         "ignore_train_id": classes.IGNORE_INDEX,
         "preprocessing": (
-            f"RGB pixels, uint8 (float32 in [0, 255] for gpu_float16), cast to float32; the {config['backbone']} "
+            f"RGB pixels, uint8 (float32 in [0, 255] for gpu_float16), cast to float32; the {config.backbone} "
             "backbone's own "
             "normalisation is part of the graph, so clients send plain pixels."),
         "saved_model": {
@@ -223,7 +223,7 @@ def build_metadata(model_dir, config, checkpoint, saved_model, tflite_size, tfli
                                    "norm_std": list(NORM_STD), "activation": "SOFTMAX",
                                    "labels": list(class_set.names)} if mediapipe else None,
         } if tflite_variants else None,
-        "training_run": {"model_dir": os.path.abspath(model_dir), "config": config},
+        "training_run": {"model_dir": os.path.abspath(model_dir), "config": config.to_json()},
         "checkpoint": os.path.basename(checkpoint),
         "checkpoint_step": predictors.checkpoint_step(checkpoint),
         "files": files,
@@ -303,7 +303,7 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
     # channel, run whole by int8 accelerators and delegates), not as the training's matrix product, whose 33 taps
     # would share one int8 scale and leave float ops between int8 ones (label agreement 97.9% against 98.8%).
     segmenter, config, checkpoint = predictors.load_segmenter(model_dir, aspp_implementation="conv")
-    tflite_size = tuple(tflite_size or config["target_size"])
+    tflite_size = tuple(tflite_size or config.target_size)
     parent, name = os.path.split(output_dir)
     os.makedirs(parent, exist_ok=True)
     # A sibling folder, so the final rename stays on one file system and is atomic.
@@ -312,7 +312,7 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
     os.makedirs(staging)
     try:
         if SAVED_MODEL in formats:
-            save_saved_model(segmenter, config["target_size"],
+            save_saved_model(segmenter, config.target_size,
                              os.path.join(staging, predictors.SAVED_MODEL_SUBDIR, str(SAVED_MODEL_VERSION)))
             log(f"wrote the SavedModel ({checkpoint})")
         variants = [v for v in TFLITE_VARIANTS if v in formats]
@@ -321,7 +321,7 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
             if variants and not mediapipe:
                 log("mediapipe is not installed, so the .tflite models carry no MediaPipe metadata "
                     "(pip install -e \".[deploy]\" adds it); LiteRT runs them either way.")
-        class_names = classes.CLASS_SETS[config["class_set"]].names
+        class_names = config.classes.names
         calibration = (calibration_images(config, tflite_size, calibration_count) if "int8" in variants else None)
         for variant in variants:
             flatbuffer = convert_tflite(segmenter, tflite_size, variant, calibration)

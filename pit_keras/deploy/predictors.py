@@ -14,7 +14,7 @@ import re
 import numpy as np
 from PIL import Image
 
-from pit_keras import console
+from pit_keras import console, runs
 from pit_keras.data import classes
 from pit_keras.data.images import read_image
 from pit_keras.deploy.serving import serving_function, serving_signature
@@ -31,7 +31,7 @@ def checkpoint_step(checkpoint_path):
 
 
 def load_segmenter(model_dir, aspp_implementation="matmul"):
-    """The fine segmenter of a training run at its newest checkpoint.
+    """The fine segmenter of a training run at its newest checkpoint (`runs.load_run`).
 
     Args:
         model_dir: a training run folder (`run.json` and `checkpoints/`).
@@ -39,17 +39,12 @@ def load_segmenter(model_dir, aspp_implementation="matmul"):
 
     Returns:
         `(segmenter, config, checkpoint path)`; the segmenter maps float RGB `[B, H, W, 3]` in [0, 255] to
-        logits at the input size, without the coarse units.
+        logits at the input size, without the coarse units; the config is the run's `RunConfig`.
     """
-    from pit_keras.training import checkpoints
-    from pit_keras.models.network import build_network, fine_segmenter
+    from pit_keras.models.network import fine_segmenter
 
-    config = checkpoints.read_run_config(model_dir)
-    units = len(config["lse_r"]) if config["method"] == "pit" else 0
-    network = build_network(config["backbone"], config["num_classes"], num_units=units,
-                            aspp_implementation=aspp_implementation)
-    checkpoint = checkpoints.restore_network(network, model_dir)
-    return fine_segmenter(network), config, checkpoint
+    run = runs.load_run(model_dir, aspp_implementation=aspp_implementation)
+    return fine_segmenter(run.network), run.config, run.checkpoint
 
 
 def find_metadata(path):
@@ -94,8 +89,8 @@ class KerasPredictor(Predictor):
         import tensorflow as tf
 
         segmenter, config, self.checkpoint = load_segmenter(model_dir)
-        super().__init__(classes.CLASS_SETS[config["class_set"]])
-        self.serve = tf.function(serving_function(segmenter, config["target_size"]),
+        super().__init__(config.classes)
+        self.serve = tf.function(serving_function(segmenter, config.target_size),
                                  input_signature=[serving_signature()])
 
     def __call__(self, image):
@@ -184,11 +179,9 @@ def load_predictor(path, num_threads=None, xnnpack=True):
     Raises:
         UserError: if the path is none of these.
     """
-    from pit_keras.training import checkpoints
-
     if os.path.isfile(path) and path.endswith(".tflite"):
         return TFLitePredictor(path, _class_set_of(path), num_threads=num_threads, xnnpack=xnnpack)
-    if os.path.isfile(os.path.join(path, checkpoints.RUN_FILE)):
+    if os.path.isfile(os.path.join(path, runs.RUN_FILE)):
         return KerasPredictor(path)
     saved_model = path
     versions_dir = os.path.join(path, SAVED_MODEL_SUBDIR)

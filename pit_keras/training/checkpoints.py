@@ -1,54 +1,46 @@
 """Training-run state on disk: the run's configuration (`run.json`) and TF checkpoints of the network and the
 optimizer (whose `iterations` is the step counter, so the learning-rate schedule resumes with it)."""
 
-import json
 import os
 
 import tensorflow as tf
 
+from pit_keras import runs
 from pit_keras.atomic import write_json_atomic  # also imported from here by other modules and tests
 from pit_keras.errors import UserError
 
-RUN_FILE = "run.json"
 # Settings that change the network's variables: a run folder cannot be resumed or evaluated with others.
 ARCHITECTURE_KEYS = ("backbone", "num_classes", "lse_r")
+# Settings that change the objective: resuming a run with others would mix two methods in one run. A run.json
+# without one of them holds the value it was trained with (`config.MIGRATIONS`).
+METHOD_KEYS = ("method", "lse_normalize", "image_loss_reduction", "interaction_lr_multiplier", "head_lr_multiplier",
+               "image_label_kind", "self_training", "image_labels_prior", "image_label_confidence",
+               "st_class_portion")
 
 
-def read_run_config(model_dir):
-    """The `run.json` of a training run folder."""
-    path = os.path.join(model_dir, RUN_FILE)
-    if not os.path.isfile(path):
-        raise UserError(f"--model_dir={model_dir} holds no training run ({RUN_FILE} is missing).")
-    with open(path) as f:
-        return json.load(f)
-
-
-# Settings that change the objective: resuming a run with others would mix two methods in one run. The value
-# is what a run.json without the key was trained with (the defaults before the key was recorded).
-METHOD_KEYS = {"method": None, "lse_normalize": False, "image_loss_reduction": "sum",
-               "interaction_lr_multiplier": 0.01, "head_lr_multiplier": 1.0, "image_label_kind": "shares",
-               "self_training": False, "image_labels_prior": None, "image_label_confidence": "none",
-               "st_class_portion": 0.0}
+def _shown(value):
+    return list(value) if isinstance(value, tuple) else value
 
 
 def check_or_write_run_config(model_dir, config, write=True):
-    """Records a new run's configuration, or checks that an existing run has the same architecture and
-    objective; with `write=False` only checks (a run checks first and writes once its data has passed)."""
-    path = os.path.join(model_dir, RUN_FILE)
+    """Records a new run's configuration (a `RunConfig`) as its `run.json`, or checks that an existing run has
+    the same architecture and objective; with `write=False` only checks (a run checks first and writes once its
+    data has passed)."""
+    path = os.path.join(model_dir, runs.RUN_FILE)
     if os.path.isfile(path):
-        previous = read_run_config(model_dir)
+        previous = runs.read_config(model_dir)
         for key in ARCHITECTURE_KEYS:
-            if previous.get(key) != config[key]:
-                raise UserError(f"--model_dir={model_dir} holds a run with {key}={previous.get(key)}, not "
-                                f"{config[key]}; use another --model_dir.")
-        for key, old_default in METHOD_KEYS.items():
-            if key in config and previous.get(key, old_default) != config[key]:
+            if getattr(previous, key) != getattr(config, key):
+                raise UserError(f"--model_dir={model_dir} holds a run with {key}={_shown(getattr(previous, key))}, "
+                                f"not {_shown(getattr(config, key))}; use another --model_dir.")
+        for key in METHOD_KEYS:
+            if getattr(previous, key) != getattr(config, key):
                 raise UserError(f"--model_dir={model_dir} holds a run trained with {key}="
-                                f"{previous.get(key, old_default)}, not {config[key]}; resume it with the same "
+                                f"{getattr(previous, key)}, not {getattr(config, key)}; resume it with the same "
                                 "flags or use another --model_dir.")
     if write:
         os.makedirs(model_dir, exist_ok=True)
-        write_json_atomic(path, config)
+        write_json_atomic(path, config.to_json())
 
 
 def _checkpoint(network, optimizer=None, teacher=None):

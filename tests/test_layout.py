@@ -1,0 +1,64 @@
+"""The package's layout: only the five commands read flags (the library takes values as arguments), and no
+module is over 400 lines."""
+
+import ast
+
+import pytest
+
+from conftest import REPO
+
+PACKAGE = REPO / "pit_keras"
+COMMANDS = ("train.py", "evaluate.py", "export.py", "predict.py", "image_labels.py")
+MAX_LINES = 400
+
+
+def modules():
+    return sorted(PACKAGE.rglob("*.py"))
+
+
+def flag_reads(source):
+    """`(line, what)` of every use of absl's global `FLAGS` in `source`: `FLAGS.x`, `FLAGS[...]`, `x in FLAGS`,
+    `flags.FLAGS` (any `.FLAGS`) and `from absl.flags import FLAGS`. Defining flags (`flags.DEFINE_*`) and
+    reading a definition's `FlagHolder` are not uses."""
+    found = []
+    for node in ast.walk(ast.parse(source)):
+        if isinstance(node, ast.Name) and node.id == "FLAGS":
+            found.append((node.lineno, "FLAGS"))
+        elif isinstance(node, ast.Attribute) and node.attr == "FLAGS":
+            found.append((node.lineno, ast.unparse(node)))
+        elif isinstance(node, ast.ImportFrom) and any(alias.name == "FLAGS" for alias in node.names):
+            found.append((node.lineno, f"from {node.module} import FLAGS"))
+    return sorted(set(found))
+
+
+@pytest.mark.parametrize("snippet", [
+    "x = FLAGS.model_dir", "x = FLAGS['model_dir'].value", "x = 'seed' in FLAGS",
+    "from absl import flags\nF = flags.FLAGS", "import absl.flags\nx = absl.flags.FLAGS.seed",
+    "from absl.flags import FLAGS",
+])
+def test_flag_reads_are_found_in_every_form(snippet):
+    assert flag_reads(snippet)
+
+
+def test_flag_definitions_are_not_flag_reads():
+    assert not flag_reads("from absl import flags\nholder = flags.DEFINE_integer('seed', 0, 'Seed.')\nholder.value")
+
+
+def test_only_the_commands_read_flags():
+    assert all((PACKAGE / command).is_file() for command in COMMANDS)
+    readers = {}
+    for path in modules():
+        relative = path.relative_to(PACKAGE).as_posix()
+        if relative in COMMANDS:
+            continue
+        reads = flag_reads(path.read_text())
+        if reads:
+            readers[relative] = reads
+    assert not readers, (f"library modules read absl FLAGS (only {', '.join(COMMANDS)} may; pass values as "
+                         f"arguments): {readers}")
+
+
+def test_no_module_is_over_400_lines():
+    long = {path.relative_to(PACKAGE).as_posix(): count for path in modules()
+            if (count := len(path.read_text().splitlines())) > MAX_LINES}
+    assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
