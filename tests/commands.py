@@ -33,20 +33,24 @@ def run(module, *args, timeout=300):
 
 
 def run_in_process(module, *args):
-    """`python -m pit_keras.MODULE ARGS`, run in this process (see the module's docstring)."""
+    """`python -m pit_keras.MODULE ARGS`, run in this process (see the module's docstring). Not with
+    --deterministic: TensorFlow's op determinism, once on, stays on for the rest of the process."""
     from absl import app, flags
     from absl import logging as absl_logging
 
     from pit_keras import console, errors
     from pit_keras import flags as pit_flags
 
+    assert "--deterministic" not in args, "run a deterministic command with `run`, in a process of its own"
     FLAGS = flags.FLAGS
     pit_flags.define_console_flags()  # --tf_logs and absl's help flags stay defined for good
     app.define_help_flags()
     defined = set(FLAGS)
     name = f"pit_keras.{module}"
     sys.modules.pop(name, None)
-    saved = sys.argv, list(sys.meta_path), console._quiet, absl_logging.get_verbosity()
+    keras = sys.modules.get("keras")  # train sets the global dtype policy; unset, it is Keras' floatx
+    saved = (sys.argv, list(sys.meta_path), console._quiet, absl_logging.get_verbosity(),
+             keras and keras.mixed_precision.global_policy().name)
     stdout, stderr = io.StringIO(), io.StringIO()
     returncode = 0
     with errors._background_lock:
@@ -69,6 +73,9 @@ def run_in_process(module, *args):
         sys.meta_path[:] = saved[1]
         console._quiet = saved[2]
         absl_logging.set_verbosity(saved[3])
+        if "keras" in sys.modules:
+            keras = sys.modules["keras"]
+            keras.mixed_precision.set_global_policy(saved[4] or keras.config.floatx())
         sys.modules.pop(name, None)
         FLAGS.unparse_flags()
         for flag in set(FLAGS) - defined:

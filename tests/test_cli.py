@@ -1,5 +1,5 @@
-"""The command lines as users run them: the shared trained run (conftest.py), resume and evaluate, each in a
-process of its own; the baselines' short runs and the one-sentence errors in the test's process
+"""The command lines as users run them: the shared trained run (conftest.py) and evaluate, each in a process of
+its own; resuming, the baselines' short runs and the one-sentence errors in the test's process
 (tests/commands.py)."""
 
 import json
@@ -36,8 +36,11 @@ def test_train_resumes_from_the_newest_checkpoint_and_evaluate_agrees(trained_ru
     model_dir = tmp_path / "pit"
     shutil.copytree(trained_run[0], model_dir)
     steps = TRAINED_RUN_STEPS + 2
-    args = [a for a in trained_run_args(tiny_benchmark, model_dir) if not a.startswith("--num_steps=")]
-    resumed = run("train", *args, f"--num_steps={steps}")
+    # In the test's process (subprocesses resume in tests/test_reliability.py): without --deterministic, which
+    # would hold for the rest of the process.
+    args = [a for a in trained_run_args(tiny_benchmark, model_dir) if a != "--deterministic"
+            and not a.startswith("--num_steps=")]
+    resumed = run_in_process("train", *args, f"--num_steps={steps}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {TRAINED_RUN_STEPS}" in resumed.stdout and f"trained to step {steps}" in resumed.stdout
     output = tmp_path / "eval.json"

@@ -206,7 +206,7 @@ def test_failed_write_keeps_the_old_file_and_no_temp_file(tmp_path, monkeypatch)
     def failing_replace(src, dst):
         raise OSError("disk full")
 
-    monkeypatch.setattr(metrics.os, "replace", failing_replace)
+    monkeypatch.setattr(reports.os, "replace", failing_replace)
     with pytest.raises(OSError, match="disk full"):
         reports.write_json({"miou": 1.0}, path)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["eval.json"]

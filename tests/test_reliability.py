@@ -2,7 +2,8 @@
 data, a full disk. Each must cost at most the steps since the last checkpoint and explain itself.
 
 The shared trained run (conftest.py) is the uninterrupted run a killed one must equal, and (a copy of it) the run
-whose newest checkpoint is cut short. Refusals at start-up run in the test's process (tests/commands.py)."""
+whose newest checkpoint is cut short. What needs no process of its own (no signal, no console output of
+TensorFlow's, no exit) runs in the test's process (tests/commands.py)."""
 
 import dataclasses
 import json
@@ -80,7 +81,8 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(trained_run, tiny
     last, previous = sorted(int(p.name[5:-6]) for p in (model_dir / "checkpoints").glob("ckpt-*.index"))[-1:-3:-1]
     data = next((model_dir / "checkpoints").glob(f"ckpt-{last}.data-*"))
     data.write_bytes(data.read_bytes()[:100])
-    resumed = run(train_command(tiny_benchmark, model_dir, f"--num_steps={last + 2}", "--checkpoint_every=2"))
+    resumed = run_in_process("train", *train_args(tiny_benchmark, model_dir, f"--num_steps={last + 2}",
+                                                  "--checkpoint_every=2"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"ckpt-{last} is unreadable" in resumed.stdout
     assert "resumed from" in resumed.stdout and f"ckpt-{previous} at step {previous}" in resumed.stdout
@@ -106,8 +108,8 @@ def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tiny_benchmark, tmp_path)
 
 def test_divergence_names_step_and_term_and_keeps_the_last_good_checkpoint(tiny_benchmark, tmp_path):
     model_dir = tmp_path / "run"
-    result = run(train_command(tiny_benchmark, model_dir, "--num_steps=200", "--checkpoint_every=1",
-                               "--learning_rate=1e8"))
+    result = run_in_process("train", *train_args(tiny_benchmark, model_dir, "--num_steps=200",
+                                                 "--checkpoint_every=1", "--learning_rate=1e8"))
     assert result.returncode == 3, result.stderr[-2000:]
     assert "training diverged" in result.stderr and "loss term" in result.stderr
     assert "Traceback" not in result.stderr
