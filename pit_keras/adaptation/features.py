@@ -23,6 +23,7 @@ import tensorflow as tf
 from pit_keras import atomic, runs
 from pit_keras.data import pipeline
 from pit_keras.errors import UserError
+from pit_keras.models.network import all_layers
 
 DEFAULT_FEATURES = "InceptionResNetV2"
 BACKBONE_FEATURES = "backbone"
@@ -103,13 +104,6 @@ class GridAveragePooling(keras.layers.Layer):
         return (input_shape[0], None if input_shape[-1] is None else 4 * input_shape[-1])
 
 
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _all_layers(layer)
-
-
 # The symbolic input that finds the stages' strides: large powers of two, a different multiple per axis, so that
 # padded maps and 1x1 maps (squeeze-and-excitation) match no stride.
 _PROBE_SIZE = (1024, 512)
@@ -143,11 +137,11 @@ def stage_layers(backbone, backbone_name):
 def _backbone_feature_model(backbone, backbone_name, size, batch_norm, pooling, stages, alignment):
     """image `[B, H, W, 3]` -> pooled features `[B, D]` of a trained backbone (see `feature_extractor`)."""
     if batch_norm == "batch":
-        norms = [layer for layer in _all_layers(backbone) if isinstance(layer, keras.layers.BatchNormalization)]
+        norms = [layer for layer in all_layers(backbone) if isinstance(layer, keras.layers.BatchNormalization)]
         if not any(layer.trainable for layer in norms):
             raise UserError(f"--feature_alignment={alignment}: the {backbone_name} backbone has no BatchNorm layer "
                             "that normalises with batch statistics (frozen or none), so AdaBN changes nothing.")
-        for layer in _all_layers(backbone):  # training mode is for BatchNorm only (this network is a copy)
+        for layer in all_layers(backbone):  # training mode is for BatchNorm only (this network is a copy)
             if isinstance(layer, keras.layers.Dropout):
                 layer.rate = 0.0
     names = stage_layers(backbone, backbone_name) if stages == "all" else []

@@ -24,9 +24,9 @@
 import keras
 import tensorflow as tf
 
+from pit_keras.config import TEACHER_BNS as TEACHER_BN
 from pit_keras.data.classes import IGNORE_INDEX
-
-TEACHER_BN = ("target_batch", "running")
+from pit_keras.models.network import all_layers
 
 
 class EMATeacher(keras.layers.Layer):
@@ -88,7 +88,7 @@ class EMATeacher(keras.layers.Layer):
         frozen (DeepLab-v2's) uses its running statistics in either mode."""
         network = self._network()
         training = self.teacher_bn == "target_batch"
-        dropouts = [layer for layer in _all_layers(network) if isinstance(layer, keras.layers.Dropout)]
+        dropouts = [layer for layer in all_layers(network) if isinstance(layer, keras.layers.Dropout)]
         rates = [layer.rate for layer in dropouts]
         try:
             for layer in dropouts:
@@ -100,13 +100,6 @@ class EMATeacher(keras.layers.Layer):
             for layer, rate in zip(dropouts, rates):
                 layer.rate = rate
         return tf.nest.map_structure(tf.stop_gradient, outputs)
-
-
-def _all_layers(model):
-    for layer in model.layers:
-        yield layer
-        if hasattr(layer, "layers"):
-            yield from _all_layers(layer)
 
 
 def teacher_probabilities(teacher, images, flip=False):
@@ -155,9 +148,6 @@ def class_balanced_mask(probabilities, threshold, portion):
 def class_shares(probabilities):
     """`[B, C]` mean of the per-pixel class probabilities: an image's soft class shares."""
     return tf.reduce_mean(probabilities, axis=[1, 2])
-
-
-LABEL_CONFIDENCES = ("none", "entropy", "agreement")
 
 
 def class_confidence(probabilities, smoothing=0.01):

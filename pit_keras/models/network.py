@@ -55,6 +55,14 @@ def build_network(backbone, num_classes, num_units=3, backbone_weights="none", a
     return keras.Model(image, outputs, name=f"pit_{backbone}")
 
 
+def all_layers(model):
+    """Every layer of `model`, nested models' layers included (depth first)."""
+    for layer in model.layers:
+        yield layer
+        if hasattr(layer, "layers"):
+            yield from all_layers(layer)
+
+
 def interaction_weights(network):
     """The K learnable scalars w^k of a network built by `build_network`."""
     return network.get_layer(RECONSTRUCTION_LAYER).w

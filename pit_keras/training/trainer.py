@@ -29,15 +29,9 @@ import tensorflow as tf
 
 from pit_keras import losses
 from pit_keras.adaptation import self_training
+from pit_keras.config import (DOMAINS, IMAGE_LABEL_CONFIDENCES as LABEL_CONFIDENCES, IMAGE_LABEL_KINDS,
+                              LOSS_RESOLUTIONS, METHODS, RECON_SPACES, RECON_STOP_GRADIENTS)
 from pit_keras.models.network import head_variables, interaction_weights
-
-METHODS = ("pit", "source_only", "minent")
-DOMAINS = ("source", "target")
-LOSS_RESOLUTIONS = ("feature", "input")
-RECON_STOP_GRADIENTS = ("none", "fine", "coarse")
-RECON_SPACES = ("logits", "probabilities")
-IMAGE_LABEL_KINDS = ("shares", "presence")
-LABEL_CONFIDENCES = self_training.LABEL_CONFIDENCES
 
 
 @dataclasses.dataclass(frozen=True)
