@@ -35,20 +35,35 @@ def run(module, *args, timeout=300):
 def run_in_process(module, *args):
     """`python -m pit_keras.MODULE ARGS`, run in this process (see the module's docstring). Not with
     --deterministic: TensorFlow's op determinism, once on, stays on for the rest of the process."""
+    assert "--deterministic" not in args, "run a deterministic command with `run`, in a process of its own"
+    name = f"pit_keras.{module}"
+    return _main_in_process(name, f"{name}.py", args, define_flags=False)
+
+
+def run_tool_in_process(name, *args):
+    """`python tools/NAME.py ARGS`, run in this process like `run_in_process` runs a command: tools/NAME.py
+    imported afresh (tools/ is on the tests' path: setup.cfg), its flags defined (`define_flags`), ARGS parsed
+    by absl, its `main` called through `errors.run_main` from the repository root, Python's stdout and stderr
+    captured; afterwards the flags it defined are deleted, so the next command can define the same names."""
+    return _main_in_process(name, f"tools/{name}.py", args, define_flags=True)
+
+
+def _main_in_process(name, program, args, define_flags):
+    """Imports module `name` afresh, defines its flags (`define_flags()`, for a tool; a command defines them on
+    import), runs its `main` through `errors.run_main` with `sys.argv = [program, *args]` from the repository
+    root, and puts back the process-wide state it changed."""
     from absl import app, flags
     from absl import logging as absl_logging
 
     from pit_keras import console, errors
     from pit_keras import flags as pit_flags
 
-    assert "--deterministic" not in args, "run a deterministic command with `run`, in a process of its own"
     FLAGS = flags.FLAGS
     pit_flags.define_console_flags()  # --tf_logs and absl's help flags stay defined for good
     app.define_help_flags()
     defined = set(FLAGS)
-    name = f"pit_keras.{module}"
     sys.modules.pop(name, None)
-    keras = sys.modules.get("keras")  # train sets the global dtype policy; unset, it is Keras' floatx
+    keras = sys.modules.get("keras")  # train and the benchmarks set the global dtype policy; unset, it is floatx
     saved = (sys.argv, list(sys.meta_path), console._quiet, absl_logging.get_verbosity(),
              keras and keras.mixed_precision.global_policy().name)
     stdout, stderr = io.StringIO(), io.StringIO()
@@ -60,10 +75,12 @@ def run_in_process(module, *args):
     gc.freeze()
     try:
         with contextlib.chdir(REPO), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
-            command = importlib.import_module(name)
-            sys.argv = [f"{name}.py", *args]
+            module = importlib.import_module(name)
+            if define_flags:
+                module.define_flags()
+            sys.argv = [program, *args]
             try:
-                errors.run_main(command.main)
+                errors.run_main(module.main)
             except SystemExit as exit:
                 code = exit.code
                 returncode = code if isinstance(code, int) else (0 if code is None else 1)
@@ -82,4 +99,5 @@ def run_in_process(module, *args):
             delattr(FLAGS, flag)
         with errors._background_lock:
             errors._background.clear()
-    return subprocess.CompletedProcess([name, *args], returncode, stdout.getvalue(), stderr.getvalue())
+    return subprocess.CompletedProcess([program if define_flags else name, *args], returncode, stdout.getvalue(),
+                                       stderr.getvalue())

@@ -1,12 +1,35 @@
 """Shared fixtures: a tiny generated benchmark on disk, the path of the real Cityscapes frame in tests/data/, and
-run configurations for tests (`run_config`, `write_run_config`)."""
+run configurations for tests (`run_config`, `write_run_config`).
 
+The suite runs on pytest-xdist's workers (setup.cfg: `-n auto`), each a process of its own. What is expensive
+to make and never written to (the benchmark, the shared trained run) is made once per test run, by whichever
+worker needs it first, and read by the others (`made_once`)."""
+
+import fcntl
+import functools
+import json
 import os
 import pathlib
+import subprocess
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+
+from pit_keras.training import distribute  # noqa: E402
+
+# Two logical CPU devices in every test process, made before TensorFlow starts: the mirrored-strategy tests run
+# in-process on "/cpu:0" and "/cpu:1"; everything else runs on the first, as it would alone.
+distribute.configure_cpu_replicas(2)
+
+
+@functools.cache
+def mirrored_strategy():
+    """The test process's one MirroredStrategy over its two logical CPUs. A second one would hand out the first
+    one's collective keys again, for tensors of other shapes, and TensorFlow would abort the collective."""
+    import tensorflow as tf
+
+    return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
 REPO = pathlib.Path(__file__).resolve().parents[1]
 CITYSCAPES_FRAME = REPO / "tests" / "data" / "cityscapes_frame"
@@ -41,14 +64,34 @@ def write_run_config(model_dir, **overrides):
     return config
 
 
+def made_once(tmp_path_factory, name, make):
+    """`make(folder)`'s JSON-able result, made once per test run in `folder` (under pytest's base temporary
+    folder, shared by the xdist workers of one run): the first worker to ask makes it while the others wait on a
+    lock, then every worker reads the recorded result. A `make` that raises leaves no record (the next asker
+    tries again and fails alike)."""
+    root = tmp_path_factory.getbasetemp()
+    if os.environ.get("PYTEST_XDIST_WORKER"):
+        root = root.parent  # the run's folder, above each worker's own
+    folder, record = root / name, root / f"{name}.json"
+    with open(root / f"{name}.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)
+        if not record.exists():
+            result = make(folder)
+            record.write_text(json.dumps(result))
+        return json.loads(record.read_text())
+
+
 @pytest.fixture(scope="session")
 def tiny_benchmark(tmp_path_factory):
     """A small two-domain benchmark (GTA5 + Cityscapes layouts) at 64x32; returns its root."""
-    from pit_keras.data import synthetic
+    def make(folder):
+        from pit_keras.data import synthetic
 
-    root = tmp_path_factory.mktemp("bench") / "benchmark"
-    synthetic.generate(root, num_source=6, num_target_train=6, num_target_val=3, size=(64, 32), seed=0)
-    return root
+        synthetic.generate(folder / "benchmark", num_source=6, num_target_train=6, num_target_val=3, size=(64, 32),
+                           seed=0)
+        return str(folder / "benchmark")
+
+    return pathlib.Path(made_once(tmp_path_factory, "bench", make))
 
 
 TRAINED_RUN_STEPS = 240
@@ -72,9 +115,31 @@ def trained_run(tiny_benchmark, tmp_path_factory):
     rate 0.05, so its labels are not trivial; a checkpoint every 40 steps (the newest three kept), progress lines,
     evaluated on the benchmark's val split at the end. Returns `(model_dir, result)`, `result` the finished
     process. Never written to: a test that resumes or damages a run works on a copy (`shutil.copytree`)."""
-    from commands import run
+    def make(folder):
+        from commands import run
 
-    model_dir = tmp_path_factory.mktemp("trained_run") / "pit"
-    result = run("train", *trained_run_args(tiny_benchmark, model_dir))
-    assert result.returncode == 0, result.stderr[-2000:]
-    return model_dir, result
+        result = run("train", *trained_run_args(tiny_benchmark, folder / "pit"))
+        assert result.returncode == 0, result.stderr[-2000:]
+        return {"model_dir": str(folder / "pit"), "args": result.args, "returncode": result.returncode,
+                "stdout": result.stdout, "stderr": result.stderr}
+
+    made = made_once(tmp_path_factory, "trained_run", make)
+    return pathlib.Path(made["model_dir"]), subprocess.CompletedProcess(made["args"], made["returncode"],
+                                                                        made["stdout"], made["stderr"])
+
+
+TWO_WORKER_SETTINGS = dict(num_steps=4, batch_size=4, learning_rate=0.01, momentum=0.9)
+
+
+@pytest.fixture(scope="session")
+def two_worker_run(tiny_benchmark, tmp_path_factory):
+    """One PIT run (`run_config` on the tiny benchmark with `TWO_WORKER_SETTINGS`) on two local worker processes
+    under MultiWorkerMirroredStrategy (tests/cluster.py), shared by the distribution tests: returns its folder
+    (FOLDER/run, FOLDER/w0.npz, FOLDER/w1.npz and their .initial.npz, FOLDER/tmp)."""
+    def make(folder):
+        from cluster import run_two_workers
+
+        run_two_workers(run_config(tiny_benchmark, **TWO_WORKER_SETTINGS), folder)
+        return str(folder)
+
+    return pathlib.Path(made_once(tmp_path_factory, "two_worker_run", make))

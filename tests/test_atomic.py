@@ -3,7 +3,6 @@ the call sites built on it (same bytes as before, no temporary file after a fail
 
 import contextlib
 import errno
-import importlib.util
 import io
 import json
 import os
@@ -14,17 +13,9 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from conftest import REPO
 from pit_keras import atomic
 from pit_keras.evaluation import reports
 from pit_keras.adaptation import soft_labels
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}_atomic", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
 
 
 def names(folder):
@@ -206,7 +197,8 @@ def test_soft_labels_write_json_keeps_its_format(tmp_path):
 
 
 def test_results_table_json_refuses_nan_without_leaving_a_temporary_file(tmp_path):
-    results_table = load_tool("results_table")
+    import results_table  # tools/ is on the tests' path (setup.cfg)
+
     path = tmp_path / "sub" / "summary.json"
     results_table.write_json_atomic(path, {"b": 1, "a": [1.5]})
     assert path.read_text() == '{\n  "b": 1,\n  "a": [\n    1.5\n  ]\n}\n'  # insertion order, not sorted
@@ -217,7 +209,8 @@ def test_results_table_json_refuses_nan_without_leaving_a_temporary_file(tmp_pat
 
 
 def test_figures_save_png_writes_the_exact_path(tmp_path, capsys):
-    figures = load_tool("figures")
+    import figures
+
     rng = np.random.default_rng(0)
     picture = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     figures.save_png(picture, str(tmp_path / "fig.png"), max_kb=1)  # noise is over 1 KB: palette

@@ -5,16 +5,13 @@ compute what the stock networks compute; the ASPP classifier, the Caffe preproce
 Each big model is built once per module, on 56-72 px inputs."""
 
 import dataclasses
-import os
-import subprocess
-import sys
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, write_run_config
+from conftest import write_run_config
 from pit_keras.errors import UserError
 from pit_keras.models import backbones, heads
 from pit_keras.models.network import build_network
@@ -275,9 +272,12 @@ def test_a_weights_file_of_another_model_is_refused_by_flag(tmp_path):
 
 @pytest.mark.slow
 def test_count_params_tool_prints_every_backbone():
-    env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"}
-    result = subprocess.run([sys.executable, "tools/count_params.py", "--num_classes=19"], cwd=REPO, env=env,
-                            capture_output=True, text=True, timeout=600)
+    from commands import run_tool_in_process
+
+    result = run_tool_in_process("count_params", "--num_classes=19")
     assert result.returncode == 0, result.stderr[-2000:]
-    for name in backbones.BACKBONES:
-        assert name in result.stdout
+    assert "PIT network: C=19 classes, K=3 coarse units" in result.stdout
+    lines = result.stdout.splitlines()[3:]
+    assert [line.split()[0] for line in lines] == list(backbones.BACKBONES)
+    tiny = lines[0].split()
+    assert tiny[1:3] == [backbones.BACKBONES["tiny"].head, str(backbones.BACKBONES["tiny"].output_stride)]

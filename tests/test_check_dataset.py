@@ -1,18 +1,16 @@
 """tools/check_dataset.py finds what training would only skip: damaged files, size mismatches, foreign ids."""
 
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 from PIL import Image
 
-from conftest import REPO
+from commands import run_tool_in_process
 
 
 def check(*args):
-    return subprocess.run([sys.executable, "tools/check_dataset.py", *args], cwd=REPO, capture_output=True,
-                          text=True, timeout=120)
+    """`python tools/check_dataset.py ARGS`, run in this process (tests/commands.py)."""
+    return run_tool_in_process("check_dataset", *args)
 
 
 def test_a_clean_dataset_passes(tiny_benchmark):

@@ -13,18 +13,16 @@ variant that makes it in the library (monkeypatched) and expects the check to tu
 The expensive mistake variants (a second multi-worker run, a second training run) are marked slow.
 """
 
+import dataclasses
 import json
-import os
-import subprocess
-import sys
-import textwrap
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
-from conftest import REPO, run_config
+from cluster import load_weights, run_two_workers
+from conftest import REPO, TWO_WORKER_SETTINGS, mirrored_strategy, run_config
 from pit_keras import losses
 from pit_keras.training import callbacks
 from pit_keras.training import checkpoints
@@ -32,7 +30,6 @@ from pit_keras.evaluation import scoring
 from pit_keras.training import runner
 from pit_keras.models.network import build_network, interaction_weights
 from pit_keras.training.trainer import PITTrainer
-from test_distribute import free_ports, run_python
 
 C = 4
 
@@ -388,37 +385,29 @@ def test_poly_learning_rate_at_the_start_middle_and_end(monkeypatch, mistake):
     expect(check, mistake)
 
 
-MIRRORED_MULTIPLIERS = textwrap.dedent("""
-    import dataclasses
-    import json
-    import numpy as np
-    import tensorflow as tf
-    import keras
-    from pit_keras.config import RunConfig
-    from pit_keras.training import distribute
-    from pit_keras.training import runner
-    from pit_keras.models.network import build_network, head_variables, interaction_weights
-    from pit_keras.training.trainer import PITTrainer
+def mirrored_multiplier_steps(config):
+    """Under MirroredStrategy on two CPU replicas: the update of each kind of variable (backbone, heads, w^k)
+    along the update of a step at multipliers 1, at head_lr_multiplier 10 and interaction_lr_multiplier 0.5,
+    right and with the w^k's multiplier taken as absolute; and a zero-gradient step with weight decay, right and
+    with the w^k decayed."""
+    from pit_keras.models.network import head_variables
 
-    distribute.configure_cpu_replicas(2)
-    C, N = 4, 4
     rng = np.random.default_rng(0)
+    N = 4
     batch = {"source_image": rng.uniform(0, 255, (N, 32, 32, 3)).astype(np.float32),
              "source_label": rng.integers(0, C, (N, 32, 32)).astype(np.uint8),
              "target_image": rng.uniform(0, 255, (N, 32, 32, 3)).astype(np.float32),
              "target_image_labels": rng.dirichlet(np.ones(C), N).astype(np.float32)}
-    config = RunConfig.from_json(json.loads(__import__("sys").argv[1]))
-    strategy = tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
-    initial = None
+    strategy = mirrored_strategy()
+    initial = []
 
     def step(**overrides):
-        global initial
         with strategy.scope():
             keras.utils.set_random_seed(0)
             network = build_network("tiny", C, 3)
             trainer = runner.build_trainer(dataclasses.replace(config, **overrides), network)
-            if initial is None:
-                initial = [v.numpy() for v in network.trainable_variables]
+            if not initial:
+                initial.extend(v.numpy() for v in network.trainable_variables)
             for v, value in zip(network.trainable_variables, initial):
                 v.assign(value)
         trainer.fit(tf.data.Dataset.from_tensors(batch).repeat(), epochs=1, steps_per_epoch=1, verbose=0,
@@ -440,17 +429,6 @@ MIRRORED_MULTIPLIERS = textwrap.dedent("""
                          "residual": float(np.linalg.norm(d - scale * r) / np.linalg.norm(scale * r))}
         return out
 
-    kinds, reference = step(head_lr_multiplier=1.0, interaction_lr_multiplier=1.0)
-    _, right = step(head_lr_multiplier=10.0, interaction_lr_multiplier=0.5)
-
-    # The mistake: the w^k's multiplier taken as absolute, not relative to the heads'.
-    def absolute(self):
-        scales = {v.path: self.head_lr_multiplier for v in head_variables(self.network)}
-        scales[interaction_weights(self.network).path] = self.interaction_lr_multiplier
-        return scales
-    PITTrainer._lr_multipliers = absolute
-    _, wrong = step(head_lr_multiplier=10.0, interaction_lr_multiplier=0.5)
-
     def zero_gradient_step():
         # Weight decay under the strategy: a zero-gradient step leaves the w^k alone, the rest shrinks.
         with strategy.scope():
@@ -466,22 +444,28 @@ MIRRORED_MULTIPLIERS = textwrap.dedent("""
         return {"w_moved": float(np.abs(interaction_weights(network).numpy() - w_before).max()),
                 "head_factor": float(np.median(kernel.numpy() / kernel_before))}
 
+    def absolute(self):
+        scales = {v.path: self.head_lr_multiplier for v in head_variables(self.network)}
+        scales[interaction_weights(self.network).path] = self.interaction_lr_multiplier
+        return scales
+
+    kinds, reference = step(head_lr_multiplier=1.0, interaction_lr_multiplier=1.0)
+    _, right = step(head_lr_multiplier=10.0, interaction_lr_multiplier=0.5)
     decay = zero_gradient_step()
-    # The mistake: the w^k no longer excluded from weight decay.
-    keras.optimizers.SGD.exclude_from_weight_decay = lambda self, **kwargs: None
-    decay_wrong = zero_gradient_step()
-    print(json.dumps({"right": ratios(right, reference, kinds), "w_absolute": ratios(wrong, reference, kinds),
-                      "decay_right": decay, "decay_w_decayed": decay_wrong,
-                      "replicas": strategy.num_replicas_in_sync}))
-""")
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(PITTrainer, "_lr_multipliers", absolute)  # the mistake: the w^k's multiplier as absolute
+        _, wrong = step(head_lr_multiplier=10.0, interaction_lr_multiplier=0.5)
+    with pytest.MonkeyPatch.context() as patch:
+        # The mistake: the w^k no longer excluded from weight decay.
+        patch.setattr(keras.optimizers.SGD, "exclude_from_weight_decay", lambda self, **kwargs: None)
+        decay_wrong = zero_gradient_step()
+    return {"right": ratios(right, reference, kinds), "w_absolute": ratios(wrong, reference, kinds),
+            "decay_right": decay, "decay_w_decayed": decay_wrong, "replicas": strategy.num_replicas_in_sync}
 
 
 @pytest.fixture(scope="module")
 def mirrored_multipliers():
-    config = benchmark_config(REPO, num_classes=C, learning_rate=0.01, momentum=0.0)
-    result = run_python(MIRRORED_MULTIPLIERS, json.dumps(config.to_json()))
-    assert result.returncode == 0, result.stderr[-3000:]
-    return json.loads(result.stdout.strip().splitlines()[-1])
+    return mirrored_multiplier_steps(benchmark_config(REPO, num_classes=C, learning_rate=0.01, momentum=0.0))
 
 
 @pytest.mark.parametrize("mistake", [None, "w_absolute"])
@@ -513,34 +497,6 @@ def test_weight_decay_skips_the_interaction_weights_under_mirrored_strategy(mirr
 
 # === 6. Two workers against one process fed the same global batches ===
 
-WORKER = textwrap.dedent("""
-    import json, sys
-    import numpy as np
-    from pit_keras.config import RunConfig
-    from pit_keras.training import distribute
-    from pit_keras.training import runner
-
-    strategy = distribute.make_strategy("multi_worker")
-    config = RunConfig.from_json(json.loads(sys.argv[1]))
-    if sys.argv[4] == "shard_ignored":
-        # The mistake: every worker reads the whole data set instead of its shard.
-        real = runner.build_dataset
-        runner.build_dataset = lambda config, domains, batch_size, shard=None, skip_batches=0: real(
-            config, domains, batch_size, None, skip_batches)
-    initial = []
-    real_build = runner.build_network
-    def build_network(*args, **kwargs):
-        network = real_build(*args, **kwargs)
-        initial.extend(v.numpy() for v in network.weights)
-        return network
-    runner.build_network = build_network
-    trainer, _ = runner.run(config, sys.argv[2], strategy=strategy, log_every=2, image_every=0,
-                              checkpoint_every=4, evaluate=False, verbose=0)
-    np.savez(sys.argv[3], *[v.numpy() for v in trainer.network.weights])
-    np.savez(sys.argv[3] + ".initial.npz", *initial)
-""")
-
-
 def one_process_on_the_workers_batches(config, initial):
     """A single-process run from the same weights whose every global batch is worker 0's shard batch followed
     by worker 1's, as the two workers' replicas see them."""
@@ -559,30 +515,17 @@ def one_process_on_the_workers_batches(config, initial):
 
 
 @pytest.mark.parametrize("mistake", [None, pytest.param("shard_ignored", marks=pytest.mark.slow)])
-def test_two_workers_equal_one_process_fed_the_same_global_batches(tiny_benchmark, tmp_path, mistake):
-    config = benchmark_config(tiny_benchmark, num_steps=4, batch_size=4, learning_rate=0.01, momentum=0.9)
-    cluster = {"worker": [f"127.0.0.1:{port}" for port in free_ports(2)]}
-    workers = []
-    for index in range(2):
-        env = {**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2",
-               "TF_CONFIG": json.dumps({"cluster": cluster, "task": {"type": "worker", "index": index}})}
-        workers.append(subprocess.Popen(
-            [sys.executable, "-c", WORKER, json.dumps(config.to_json()), str(tmp_path / "run"), str(tmp_path / f"w{index}.npz"),
-             mistake or "right"], cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True))
-    try:
-        outputs = [w.communicate(timeout=240) for w in workers]
-    finally:
-        for w in workers:
-            if w.poll() is None:
-                w.kill()
-                w.wait()
-    for w, (_, err) in zip(workers, outputs):
-        assert w.returncode == 0, err[-3000:]
-    final = np.load(tmp_path / "w0.npz")
-    initial = np.load(tmp_path / "w0.npz.initial.npz")
-    initial = [initial[f"arr_{i}"] for i in range(len(initial.files))]
+def test_two_workers_equal_one_process_fed_the_same_global_batches(two_worker_run, tiny_benchmark, tmp_path,
+                                                                    mistake):
+    config = benchmark_config(tiny_benchmark, **TWO_WORKER_SETTINGS)
+    folder = two_worker_run
+    if mistake:
+        folder = tmp_path
+        run_two_workers(config, folder, mistake)
+    final = load_weights(folder / "w0.npz")
+    initial = load_weights(folder / "w0.npz.initial.npz")
     single = one_process_on_the_workers_batches(config, initial)
-    differences = [float(np.abs(final[f"arr_{i}"] - s).max()) for i, s in enumerate(single)]
+    differences = [float(np.abs(f - s).max()) for f, s in zip(final, single)]
     moved = max(float(np.abs(s - i).max()) for s, i in zip(single, initial))
     assert moved > 1e-3
     print(f"two workers against one process: max weight difference {max(differences):.3g} (weights moved {moved:.3g})")

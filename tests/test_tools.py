@@ -1,28 +1,24 @@
-"""tools/results_table.py (aggregation, the page, resume) on fake finished runs, and tools/figures.py on the
-shared trained run (conftest.py) and an untrained one."""
+"""tools/results_table.py (aggregation, the page, resume) on fake finished runs, tools/figures.py on the shared
+trained run (conftest.py) and an untrained one; every tool takes absl flags (the command lines the docs give
+parse), refuses a bad one in one sentence, and none edits sys.path."""
 
-import importlib.util
+import importlib
 import json
 import math
 import os
+import re
+import shlex
 
 import numpy as np
 import pytest
+from absl import flags
 from PIL import Image
 
+import figures
+import results_table
+from commands import run_tool_in_process
 from conftest import REPO, run_config
 from pit_keras.errors import UserError
-
-
-def load_tool(name):
-    spec = importlib.util.spec_from_file_location(f"tools_{name}", REPO / "tools" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-results_table = load_tool("results_table")
-figures = load_tool("figures")
 
 CLASSES = ["road", "car", "train"]
 
@@ -271,3 +267,68 @@ def test_pick_images_spreads_over_the_split():
     assert figures.pick_images(100, 3, []) == [16, 50, 83]
     assert figures.pick_images(2, 5, []) == [0, 1]
     assert figures.pick_images(10, 3, ["4", "2"]) == [4, 2]
+
+
+# === Every tool ===
+
+TOOLS = sorted(path.stem for path in (REPO / "tools").glob("*.py"))
+COMMANDS = ["benchmark_aspp", "benchmark_export", "benchmark_train", "check_dataset", "count_params", "figures",
+            "results_table"]
+
+
+def test_every_command_is_an_absl_tool_that_leaves_sys_path_alone():
+    assert set(COMMANDS) <= set(TOOLS)
+    for name in TOOLS:
+        source = (REPO / "tools" / f"{name}.py").read_text()
+        assert "sys.path" not in source and "argparse" not in source, name
+        if name in COMMANDS:
+            assert "def define_flags():" in source and "def main(argv):" in source, name
+            assert source.rstrip().endswith("define_flags()\n    run_main(main)"), name
+
+
+def documented_commands():
+    """`(tool, args)` of every `python tools/NAME.py ...` in README.md, docs/*.md and the tools' docstrings, less
+    the placeholder arguments (`--size=W,H`, `--output=FILE.json`)."""
+    found = []
+    for path in [REPO / "README.md", *sorted((REPO / "docs").glob("*.md")), *sorted((REPO / "tools").glob("*.py"))]:
+        text = re.sub(r"\\+\n", " ", path.read_text())
+        for match in re.finditer(r"python tools/(\w+)\.py((?:[ \t]+--\w+(?:=[^\s`|\]]*)?)*)", text):
+            args = [a for a in shlex.split(match.group(2)) if not re.search(r"=[A-Z]", a)]
+            found.append((match.group(1), args))
+    return found
+
+
+def test_the_documented_command_lines_parse():
+    commands = documented_commands()
+    assert {name for name, _ in commands} >= {"benchmark_train", "benchmark_aspp", "benchmark_export",
+                                               "check_dataset", "count_params", "results_table", "figures"}
+    FLAGS = flags.FLAGS
+    for name, args in commands:
+        defined = set(FLAGS)
+        tool = importlib.import_module(name)
+        tool.define_flags()
+        try:
+            FLAGS([f"tools/{name}.py", *args])  # absl refuses an unknown flag or a bad value
+            if name == "benchmark_train":  # the case names too
+                tool.settings_from_flags()
+        except (flags.Error, UserError) as err:
+            raise AssertionError(f"python tools/{name}.py {shlex.join(args)}: {err}") from None
+        finally:
+            FLAGS.unparse_flags()
+            for flag in set(FLAGS) - defined:
+                delattr(FLAGS, flag)
+
+
+@pytest.mark.parametrize("name, args, message", [
+    ("benchmark_train", ["--size=256"], "--size=256: expected W,H"),
+    ("benchmark_aspp", ["--repeats=0"], "--channels, --classes and --repeats must be positive."),
+    ("benchmark_export", ["--model_dir=runs/x", "--backbone=tiny", "--output=x.json"], "give one of --model_dir"),
+    ("benchmark_export", ["--backbone=tiny", "--output=x.json", "--threads=1,x"], "--size=1024,512 --threads=1,x"),
+    ("check_dataset", ["--root=data"], "--dataset is required"),
+    ("count_params", ["--backbones=tiny,nope"], "--backbones: nope not in"),
+    ("count_params", ["extra"], "unexpected argument 'extra'"),
+])
+def test_a_bad_flag_is_one_sentence(name, args, message):
+    done = run_tool_in_process(name, *args)
+    assert done.returncode == 2 and done.stderr.startswith(f"error: {message}"), done.stderr
+    assert "Traceback" not in done.stderr and done.stderr.count("\n") == 1

@@ -12,7 +12,6 @@ The default settings are the heads of a DeepLab-v2 PIT step at 512x256 (64x32 fe
 source + target as a batch of 2) and one head at the paper's 1280x640 (160x80 features) with its batch of 4.
 """
 
-import argparse
 import json
 import os
 import resource
@@ -21,9 +20,10 @@ import subprocess
 import sys
 import time
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from absl import flags
 
-from pit_keras import atomic  # noqa: E402
+from pit_keras import atomic
+from pit_keras.errors import UserError, run_main
 
 RESULT_PREFIX = "ASPP_BENCHMARK_RESULT "
 # name: (heads, batch, feature height, feature width)
@@ -88,36 +88,48 @@ def report(data):
     return "\n".join(lines)
 
 
-def parse_args(argv):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--settings", default=",".join(SETTINGS), help=f"Comma-separated: {', '.join(SETTINGS)}.")
-    parser.add_argument("--channels", type=int, default=2048, help="Feature channels (ResNet-101's conv5: 2048).")
-    parser.add_argument("--classes", type=int, default=19)
-    parser.add_argument("--repeats", type=int, default=5)
-    parser.add_argument("--output", help="Write the results as JSON here.")
-    parser.add_argument("--run_one", help=argparse.SUPPRESS)  # SETTING:IMPLEMENTATION, in a child process
-    args = parser.parse_args(argv)
-    args.settings = [s.strip() for s in args.settings.split(",") if s.strip()]
-    unknown = [s for s in args.settings if s not in SETTINGS]
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command's flags, defined when it runs (so tests can import the module)."""
+    flags.DEFINE_list("settings", list(SETTINGS), f"Comma-separated: {', '.join(SETTINGS)}.")
+    flags.DEFINE_integer("channels", 2048, "Feature channels (ResNet-101's conv5: 2048).")
+    flags.DEFINE_integer("classes", 19, "Classes of each ASPP classifier.")
+    flags.DEFINE_integer("repeats", 5, "Timed calls (the median is reported).")
+    flags.DEFINE_string("output", None, "Write the results as JSON here.")
+    flags.DEFINE_string("run_one", None, "Internal: SETTING:IMPLEMENTATION, timed in this process (each one of a "
+                        "run is a child process of its own).")
+
+
+def check_flags(settings, channels, classes, repeats):
+    """The settings to run; a bad value is a `UserError` naming its flag."""
+    settings = [s.strip() for s in settings if s.strip()]
+    unknown = [s for s in settings if s not in SETTINGS]
     if unknown:
-        parser.error(f"--settings: unknown {', '.join(unknown)} (choose from {', '.join(SETTINGS)}).")
-    if min(args.channels, args.classes, args.repeats) <= 0:
-        parser.error("--channels, --classes and --repeats must be positive.")
-    return args
+        raise UserError(f"--settings: unknown {', '.join(unknown)} (choose from {', '.join(SETTINGS)}).")
+    if min(channels, classes, repeats) <= 0:
+        raise UserError("--channels, --classes and --repeats must be positive.")
+    return settings
 
 
-def main(argv=None):
-    args = parse_args(argv)
-    if args.run_one:
-        setting, implementation = args.run_one.split(":")
-        print(RESULT_PREFIX + json.dumps(run_one(setting, implementation, args.channels, args.classes, args.repeats)))
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected argument {argv[1]!r} (flags are written --name=value).")
+    settings = check_flags(FLAGS.settings, FLAGS.channels, FLAGS.classes, FLAGS.repeats)
+    if FLAGS.run_one:
+        setting, _, implementation = FLAGS.run_one.partition(":")
+        if setting not in SETTINGS or implementation not in IMPLEMENTATIONS:
+            raise UserError(f"--run_one={FLAGS.run_one}: expected SETTING:IMPLEMENTATION.")
+        print(RESULT_PREFIX + json.dumps(run_one(setting, implementation, FLAGS.channels, FLAGS.classes,
+                                                 FLAGS.repeats)))
         return 0
     results = []
-    for setting in args.settings:
+    for setting in settings:
         for implementation in IMPLEMENTATIONS:
             child = subprocess.run(
                 [sys.executable, os.path.abspath(__file__), f"--run_one={setting}:{implementation}",
-                 f"--channels={args.channels}", f"--classes={args.classes}", f"--repeats={args.repeats}"],
+                 f"--channels={FLAGS.channels}", f"--classes={FLAGS.classes}", f"--repeats={FLAGS.repeats}"],
                 capture_output=True, text=True)
             lines = [l for l in child.stdout.splitlines() if l.startswith(RESULT_PREFIX)]
             if child.returncode or not lines:
@@ -125,13 +137,14 @@ def main(argv=None):
                 results.append({"setting": setting, "implementation": implementation, "error": tail[:300]})
             else:
                 results.append(json.loads(lines[-1][len(RESULT_PREFIX):]))
-    command = "python tools/benchmark_aspp.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    command = "python tools/benchmark_aspp.py " + " ".join(sys.argv[1:])
     data = {"command": command.strip(), "results": results}
-    if args.output:
-        atomic.write_text_atomic(args.output, json.dumps(data, indent=2) + "\n")
+    if FLAGS.output:
+        atomic.write_text_atomic(FLAGS.output, json.dumps(data, indent=2) + "\n")
     print(report(data))
     return 1 if any("error" in r for r in results) else 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    run_main(main)

@@ -20,7 +20,6 @@ Exports the run (unless --export_dir names an existing export) with .tflite mode
 Prints a Markdown table and writes the rows as JSON.
 """
 
-import argparse
 import json
 import os
 import statistics
@@ -29,26 +28,31 @@ import tempfile
 import time
 
 import numpy as np
+from absl import flags
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from pit_keras.errors import UserError, run_main
 
-from pit_keras import console  # noqa: E402
+FLAGS = flags.FLAGS
 
-if __name__ == "__main__":
-    console.configure_from_argv()  # before the imports below load TensorFlow
 
-from pit_keras import runs
-from pit_keras.config import RunConfig
-from pit_keras.training import checkpoints
-from pit_keras.deploy import exporting
-from pit_keras.data import images
-from pit_keras.deploy import predictors
-from pit_keras.evaluation import metrics, reports
-from pit_keras.data import classes, datasets, synthetic  # noqa: E402
-from pit_keras.models.backbones import BACKBONES  # noqa: E402
+def define_flags():
+    """The command's flags, defined when it runs (so tests can import the module)."""
+    flags.DEFINE_string("model_dir", None, "The training run folder.")
+    flags.DEFINE_string("backbone", None, "Benchmark an untrained run of this backbone (latency only).")
+    flags.DEFINE_string("output", None, "Where the JSON rows go.")
+    flags.DEFINE_string("export_dir", None, "An existing export of the run (default: export into a temporary "
+                        "folder with .tflite models at --size).")
+    flags.DEFINE_string("size", "1024,512", "W,H of the latency image and the .tflite input.")
+    flags.DEFINE_integer("warmup", 3, "Unmeasured runs before timing.")
+    flags.DEFINE_integer("repeats", 20, "Timed runs (the median is reported).")
+    flags.DEFINE_list("threads", ["1", "2"], "LiteRT interpreter thread counts, comma-separated.")
+    flags.DEFINE_integer("calibration_images", 100, "For the int8 export.")
+    flags.DEFINE_integer("max_images", 0, "Evaluate on the first N val images (0: all).")
 
 
 def folder_size(path):
+    from pit_keras.deploy import exporting
+
     return sum(exporting.file_sizes(path).values())
 
 
@@ -69,6 +73,9 @@ def latency_ms(predictor, image, warmup, repeats):
 
 def evaluate(predictor, pairs, reader, class_set):
     """Target val mIoU of a predictor (predictions at label resolution)."""
+    from pit_keras.data import images
+    from pit_keras.evaluation import metrics
+
     matrix = metrics.ConfusionMatrix(class_set.num_classes)
     for image_path, label_path in pairs:
         label = reader(label_path)
@@ -83,7 +90,10 @@ def evaluate(predictor, pairs, reader, class_set):
 def untrained_run(backbone, size, folder, calibration_count):
     """A run folder of an untrained `backbone` (no coarse units, `backbone_weights=none`) at `size` (W, H), with a
     generated Cityscapes-layout target whose `calibration_count` train images calibrate the int8 export."""
+    from pit_keras.config import RunConfig
+    from pit_keras.data import classes, synthetic
     from pit_keras.models.network import build_network
+    from pit_keras.training import checkpoints
 
     root = os.path.join(folder, "benchmark")
     synthetic.generate(root, num_source=1, num_target_train=calibration_count, num_target_val=1, size=size, seed=0)
@@ -99,6 +109,10 @@ def untrained_run(backbone, size, folder, calibration_count):
 
 def benchmark(model_dir, export_dir, size, warmup, repeats, threads, max_images, with_miou):
     """The rows of the table: one dict per format and, for .tflite models, per thread count and kernel set."""
+    from pit_keras import runs
+    from pit_keras.data import datasets
+    from pit_keras.deploy import exporting, predictors
+
     config = runs.read_config(model_dir)
     class_set = config.classes
     pairs = reader = None
@@ -160,50 +174,56 @@ def table(rows, size, threads):
                                 "CPU ms of the process, all threads).")
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    source = parser.add_mutually_exclusive_group(required=True)
-    source.add_argument("--model_dir", help="The training run folder.")
-    source.add_argument("--backbone", help="Benchmark an untrained run of this backbone (latency only).")
-    parser.add_argument("--output", required=True, help="Where the JSON rows go.")
-    parser.add_argument("--export_dir", help="An existing export of the run (default: export into a temporary "
-                        "folder with .tflite models at --size).")
-    parser.add_argument("--size", default="1024,512", help="W,H of the latency image and the .tflite input.")
-    parser.add_argument("--warmup", type=int, default=3, help="Unmeasured runs before timing.")
-    parser.add_argument("--repeats", type=int, default=20, help="Timed runs (the median is reported).")
-    parser.add_argument("--threads", default="1,2", help="LiteRT interpreter thread counts, comma-separated.")
-    parser.add_argument("--calibration_images", type=int, default=100, help="For the int8 export.")
-    parser.add_argument("--max_images", type=int, default=0, help="Evaluate on the first N val images (0: all).")
-    parser.add_argument("--tf_logs", action="store_true", help=console.TF_LOGS_HELP)
-    args = parser.parse_args()
+def parse_flags():
+    """`(size, threads)` from the flags; a bad value is a `UserError` naming its flag."""
+    from pit_keras.models.backbones import BACKBONES
+
+    if bool(FLAGS.model_dir) == bool(FLAGS.backbone):
+        raise UserError("give one of --model_dir (a trained run) and --backbone (an untrained one, latency only).")
+    if not FLAGS.output:
+        raise UserError("--output is required (where the JSON rows go).")
     try:
-        size = tuple(int(v) for v in args.size.split(","))
-        threads = tuple(int(v) for v in args.threads.split(","))
+        size = tuple(int(v) for v in FLAGS.size.split(","))
+        threads = tuple(int(v) for v in FLAGS.threads)
         if len(size) != 2 or min(size) <= 0 or not threads or min(threads) <= 0:
             raise ValueError
     except ValueError:
-        parser.error(f"--size={args.size} --threads={args.threads}: expected W,H and a list of positive counts.")
-    if args.backbone and args.backbone not in BACKBONES:
-        parser.error(f"--backbone={args.backbone}: choose from {', '.join(BACKBONES)}.")
+        raise UserError(f"--size={FLAGS.size} --threads={','.join(FLAGS.threads)}: expected W,H and a list of "
+                        "positive counts.") from None
+    if FLAGS.backbone and FLAGS.backbone not in BACKBONES:
+        raise UserError(f"--backbone={FLAGS.backbone}: choose from {', '.join(BACKBONES)}.")
+    return size, threads
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected argument {argv[1]!r} (flags are written --name=value).")
+    size, threads = parse_flags()
+    from pit_keras import runs
+    from pit_keras.deploy import exporting
+    from pit_keras.evaluation import reports
+
     with tempfile.TemporaryDirectory() as scratch:
-        model_dir = args.model_dir or untrained_run(args.backbone, size, scratch, min(args.calibration_images, 4))
-        export_dir = args.export_dir
+        model_dir = FLAGS.model_dir or untrained_run(FLAGS.backbone, size, scratch,
+                                                     min(FLAGS.calibration_images, 4))
+        export_dir = FLAGS.export_dir
         if export_dir is None:
             export_dir = os.path.join(scratch, "export")
-            formats = exporting.FORMATS if args.model_dir else exporting.TFLITE_VARIANTS
-            exporting.export(model_dir, export_dir, tflite_size=size, calibration_count=args.calibration_images,
+            formats = exporting.FORMATS if FLAGS.model_dir else exporting.TFLITE_VARIANTS
+            exporting.export(model_dir, export_dir, tflite_size=size, calibration_count=FLAGS.calibration_images,
                              formats=formats, log=lambda line: print(line, file=sys.stderr))
-        rows = benchmark(model_dir, export_dir, size, args.warmup, args.repeats, threads, args.max_images,
-                         with_miou=bool(args.model_dir))
+        rows = benchmark(model_dir, export_dir, size, FLAGS.warmup, FLAGS.repeats, threads, FLAGS.max_images,
+                         with_miou=bool(FLAGS.model_dir))
         config = runs.read_config(model_dir)
-    reports.write_json({"model_dir": os.path.abspath(args.model_dir) if args.model_dir else None,
-                        "backbone": config.backbone, "untrained": bool(args.backbone),
+    reports.write_json({"model_dir": os.path.abspath(FLAGS.model_dir) if FLAGS.model_dir else None,
+                        "backbone": config.backbone, "untrained": bool(FLAGS.backbone),
                         "target_size": list(config.target_size), "latency_size": list(size), "threads": list(threads),
-                        "warmup": args.warmup, "repeats": args.repeats, "cpu_count": os.cpu_count(),
-                        "rows": rows}, args.output)
+                        "warmup": FLAGS.warmup, "repeats": FLAGS.repeats, "cpu_count": os.cpu_count(),
+                        "rows": rows}, FLAGS.output)
     print(table(rows, size, threads))
     return 0
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    run_main(main)

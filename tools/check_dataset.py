@@ -8,19 +8,15 @@ Unlike the start-up checks of training (file headers only), every file is decode
 its header is found too. Training skips such files anyway; this tells you which before step 50,000 does.
 """
 
-import argparse
 import collections
 import os
-import sys
 
 import numpy as np
+from absl import flags
 from PIL import Image
 
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-
-from pit_keras import console  # noqa: E402
-from pit_keras.data import cityscapes, gta5, integrity  # noqa: E402
-from pit_keras.errors import UserError  # noqa: E402
+from pit_keras.data import cityscapes, gta5, integrity
+from pit_keras.errors import UserError, run_main
 
 # The raw label values each dataset's table defines (anything else is a damaged or foreign label file).
 VALID_IDS = {"gta5": set(range(34)), "cityscapes": set(range(34)), "synthia": set(range(23))}
@@ -76,20 +72,28 @@ def check(dataset, root, split="train", limit=None):
     return summary, problems
 
 
-def main():
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--dataset", required=True, choices=sorted(VALID_IDS))
-    parser.add_argument("--root", required=True)
-    parser.add_argument("--split", default="train", help="Cityscapes split")
-    parser.add_argument("--limit", type=int, default=None, help="check only the first N pairs")
-    parser.add_argument("--tf_logs", action="store_true", help=console.TF_LOGS_HELP)
-    args = parser.parse_args()
-    console.configure(tf_logs=args.tf_logs)  # SYNTHIA labels are read with TensorFlow
-    try:
-        summary, problems = check(args.dataset, os.path.expanduser(args.root), args.split, args.limit)
-    except UserError as err:
-        print(f"error: {err}", file=sys.stderr)
-        return 2
+FLAGS = flags.FLAGS
+
+
+def define_flags():
+    """The command's flags, defined when it runs (so tests can import the module)."""
+    flags.DEFINE_enum("dataset", None, sorted(VALID_IDS), "The dataset's layout.")
+    flags.DEFINE_string("root", None, "The dataset's folder.")
+    flags.DEFINE_string("split", "train", "Cityscapes split.")
+    flags.DEFINE_integer("limit", None, "Check only the first N pairs.")
+
+
+def main(argv):
+    if len(argv) > 1:
+        raise UserError(f"unexpected argument {argv[1]!r} (flags are written --name=value).")
+    if not FLAGS.dataset:
+        raise UserError(f"--dataset is required ({', '.join(sorted(VALID_IDS))}).")
+    if not FLAGS.root:
+        raise UserError("--root is required (the dataset's folder).")
+    if FLAGS.limit is not None and FLAGS.limit <= 0:
+        raise UserError(f"--limit={FLAGS.limit}: must be positive.")
+    # SYNTHIA labels are read with TensorFlow, imported quietly (errors.run_main set up the console).
+    summary, problems = check(FLAGS.dataset, os.path.expanduser(FLAGS.root), FLAGS.split, FLAGS.limit)
     print("\n".join(summary))
     for path, reason in problems:
         print(f"  {path}: {reason}")
@@ -97,4 +101,5 @@ def main():
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    define_flags()
+    run_main(main)

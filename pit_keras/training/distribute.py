@@ -23,6 +23,8 @@ def configure_cpu_replicas(count):
     if count <= 1:
         return
     cpus = tf.config.list_physical_devices("CPU")
+    if len(tf.config.get_logical_device_configuration(cpus[0]) or ()) == count:
+        return  # already split so (a second call in one process)
     try:
         tf.config.set_logical_device_configuration(cpus[0], [tf.config.LogicalDeviceConfiguration()] * count)
     except RuntimeError:

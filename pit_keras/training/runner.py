@@ -53,10 +53,13 @@ def self_training_settings(config):
                         class_portion=config.st_class_portion)
 
 
-def build_trainer(config, network):
+def build_trainer(config, network, trainer_class=PITTrainer, steps_per_execution=1):
     """The trainer (with its EMA teacher, for self-training) and its compiled SGD optimizer (poly decay over
-    `num_steps`). Call inside the strategy's scope."""
-    trainer = PITTrainer(
+    `num_steps`). Call inside the strategy's scope.
+
+    `trainer_class`: `PITTrainer`, or a subclass whose only change is what a step computes (tools/benchmark_train's
+    variants); `steps_per_execution`: train steps per call of the compiled train function (Keras' own)."""
+    trainer = trainer_class(
         network, config.num_classes, method=config.method, lse_r=config.lse_r,
         lse_normalize=config.lse_normalize, lambda_c=config.lambda_c, lambda_r=config.lambda_r,
         lambda_ent=config.lambda_ent, recon_domains=config.recon_domains,
@@ -72,7 +75,7 @@ def build_trainer(config, network):
     optimizer = keras.optimizers.SGD(schedule, momentum=config.momentum, weight_decay=config.weight_decay or None)
     if config.weight_decay and config.method == "pit":
         optimizer.exclude_from_weight_decay(var_list=[interaction_weights(network)])
-    trainer.compile(optimizer=optimizer, jit_compile=config.jit_compile)
+    trainer.compile(optimizer=optimizer, jit_compile=config.jit_compile, steps_per_execution=steps_per_execution)
     return trainer
 
 
