@@ -435,7 +435,6 @@ def mirrored_multiplier_steps(config):
             network = build_network("tiny", C, 3)
             trainer = runner.build_trainer(dataclasses.replace(config, weight_decay=0.05, learning_rate=0.1),
                                            network)
-            trainer.optimizer.build(network.trainable_variables)
         w_before = interaction_weights(network).numpy()
         kernel = network.get_layer("fine_head").weights[0]
         kernel_before = kernel.numpy()

@@ -171,9 +171,7 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
         network = build_network(config.backbone, config.num_classes, num_units=config.num_units,
                                 backbone_weights=config.backbone_weights,
                                 aspp_implementation=config.aspp_implementation)
-        trainer = build_trainer(config, network)
-        # Built here, inside the scope: the optimizer's slots must be mirrored like the weights they follow.
-        trainer.optimizer.build(network.trainable_variables)
+        trainer = build_trainer(config, network)  # in the scope: the optimizer's slots are mirrored
     distribute.per_replica_batch(config.batch_size, strategy)
     domains = load_domains(config, trainer)
     if config.cache_images:

@@ -200,6 +200,13 @@ class PITTrainer(keras.Model):
         """Whether target batches are read (source-only without self-training never touches them)."""
         return self.method != "source_only" or self.self_training is not None
 
+    def compile(self, optimizer, **kwargs):
+        """Keras's compile, then the optimizer's slots built on the network's trainable weights, in the caller's
+        strategy scope (they are mirrored like the weights they follow). Left to the first step, they would be
+        made while it is traced, and tf.function traces a step that makes variables twice."""
+        super().compile(optimizer=optimizer, **kwargs)
+        self.optimizer.build(self.network.trainable_variables)
+
     @property
     def metrics(self):
         return list(self.trackers.values())
