@@ -13,8 +13,8 @@ from conftest import mirrored_strategy
 from pit_keras.models.network import build_network
 
 
-def mirrored_step_difference():
-    """The largest weight difference between a PIT step on two mirrored CPU replicas and one on one device."""
+def pit_step_weights(strategy):
+    """The network's weights after one PIT step under `strategy` on a fixed batch of 4."""
     from pit_keras.training.trainer import PITTrainer
 
     C, N = 4, 4
@@ -24,34 +24,31 @@ def mirrored_step_difference():
              "target_image": rng.uniform(0, 255, (N, 32, 32, 3)).astype(np.float32),
              "target_image_labels": rng.dirichlet(np.ones(C), N).astype(np.float32)}
     batch["source_label"][:, :3] = 255
-
-    def one_step(strategy):
-        with strategy.scope():
-            keras.utils.set_random_seed(0)
-            trainer = PITTrainer(build_network("tiny", C, 3), C, "pit", interaction_lr_multiplier=1.0)
-            trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
-        history = trainer.fit(tf.data.Dataset.from_tensors(batch).repeat(), epochs=1, steps_per_epoch=1,
-                              verbose=0, shuffle=False)
-        assert set(history.history) == {"loss", "seg_src", "img_src", "img_trg", "rec_src", "rec_trg"}
-        return [v.numpy() for v in trainer.network.trainable_weights]
-
-    single = one_step(tf.distribute.get_strategy())
-    mirrored = one_step(mirrored_strategy())
-    return max(float(np.abs(a - b).max()) for a, b in zip(single, mirrored))
+    with strategy.scope():
+        keras.utils.set_random_seed(0)
+        trainer = PITTrainer(build_network("tiny", C, 3), C, "pit", interaction_lr_multiplier=1.0)
+        trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+    history = trainer.fit(tf.data.Dataset.from_tensors(batch).repeat(), epochs=1, steps_per_epoch=1, verbose=0,
+                          shuffle=False)
+    assert set(history.history) == {"loss", "seg_src", "img_src", "img_trg", "rec_src", "rec_trg"}
+    return [v.numpy() for v in trainer.network.trainable_weights]
 
 
 @pytest.fixture(scope="module")
 def mirrored_differences():
-    """The largest weight difference between a step on two mirrored replicas and one on one device, right and
-    with the mistake (each replica averages over its own half batch: the summed gradients come out twice too
-    large)."""
+    """The largest weight difference between a PIT step on two mirrored CPU replicas and one on one device,
+    right and with the mistake (each replica averages over its own half batch: the summed gradients come out
+    twice too large). On one device the mistake changes nothing (its half batch is the whole batch), so that
+    step runs once."""
     from pit_keras.training import trainer as trainer_module
 
-    right = mirrored_step_difference()
+    single = pit_step_weights(tf.distribute.get_strategy())
+    mirrored = {"right": pit_step_weights(mirrored_strategy())}
     with pytest.MonkeyPatch.context() as patch:
         patch.setattr(trainer_module.tf.nn, "compute_average_loss", lambda per_image: tf.reduce_mean(per_image))
-        wrong = mirrored_step_difference()
-    return {"right": right, "wrong_reduction": wrong}
+        mirrored["wrong_reduction"] = pit_step_weights(mirrored_strategy())
+    return {name: max(float(np.abs(a - b).max()) for a, b in zip(single, weights))
+            for name, weights in mirrored.items()}
 
 
 @pytest.mark.parametrize("reduction", ["right", "wrong_reduction"])
