@@ -151,12 +151,6 @@ TF_LOGS_HELP = ("Show TensorFlow's start-up and INFO/WARNING log lines (the oneD
                 "CPU-only machine prints, converter output), which are hidden by default.")
 
 
-def configure_from_argv(argv=None):
-    """`configure` for the argparse tools, before TensorFlow is imported: `--tf_logs` among the arguments (which
-    the tool's parser must also accept, with `TF_LOGS_HELP`)."""
-    configure(tf_logs="--tf_logs" in (sys.argv[1:] if argv is None else argv))
-
-
 def end_line():
     """Ends an open progress line, so that what is printed next starts on a line of its own."""
     global _open_stream

@@ -10,12 +10,14 @@ import functools
 import json
 import os
 import pathlib
+import shutil
 import subprocess
 
 import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+from pit_keras import atomic  # noqa: E402
 from pit_keras.training import distribute  # noqa: E402
 
 # Two logical CPU devices in every test process, made before TensorFlow starts: the mirrored-strategy tests run
@@ -72,8 +74,6 @@ def run_config(bench=None, **overrides):
 def write_run_config(model_dir, **overrides):
     """Writes MODEL_DIR/run.json of `run_config(**overrides)`, for a run folder whose checkpoint a test saves
     itself; returns the config."""
-    from pit_keras import atomic
-
     config = run_config(**overrides)
     os.makedirs(model_dir, exist_ok=True)
     atomic.write_json_atomic(os.path.join(model_dir, "run.json"), config.to_json())
@@ -83,8 +83,8 @@ def write_run_config(model_dir, **overrides):
 def made_once(tmp_path_factory, name, make):
     """`make(folder)`'s JSON-able result, made once per test run in `folder` (under pytest's base temporary
     folder, shared by the xdist workers of one run): the first worker to ask makes it while the others wait on a
-    lock, then every worker reads the recorded result. A `make` that raises leaves no record (the next asker
-    tries again and fails alike)."""
+    lock, then every worker reads the recorded result. A `make` that raises leaves no record, and the next
+    asker starts again in an emptied `folder` (a train run must not resume a failed attempt's checkpoints)."""
     root = tmp_path_factory.getbasetemp()
     if os.environ.get("PYTEST_XDIST_WORKER"):
         root = root.parent  # the run's folder, above each worker's own
@@ -92,8 +92,9 @@ def made_once(tmp_path_factory, name, make):
     with open(root / f"{name}.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if not record.exists():
+            shutil.rmtree(folder, ignore_errors=True)
             result = make(folder)
-            record.write_text(json.dumps(result))
+            atomic.write_json_atomic(str(record), result)
         return json.loads(record.read_text())
 
 

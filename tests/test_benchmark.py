@@ -102,6 +102,16 @@ def test_an_in_process_run_writes_its_json_and_report(in_process_run):
     assert done.stdout.strip().endswith(again.stdout.strip())  # the run's output starts with the data's notes
 
 
+@pytest.mark.parametrize("content,message", [("{not json", "cannot be read as JSON"),
+                                             ('{"results": [{"step_ms": 1}]}', "not a JSON written by benchmark_train")])
+def test_report_of_a_foreign_file_is_one_sentence(tmp_path, content, message):
+    path = tmp_path / "other.json"
+    path.write_text(content)
+    done = run_tool_in_process("benchmark_train", f"--report={path}")
+    assert done.returncode == 2 and done.stderr.strip() == done.stderr.strip().splitlines()[0]
+    assert done.stderr.startswith(f"error: --report={path}: {message}")
+
+
 def test_self_training_steps_are_measured_against_the_pit_step(in_process_run):
     _, done, data = in_process_run
     members = data["results"][0]["members"]

@@ -27,7 +27,9 @@ def pit_step_weights(strategy):
     with strategy.scope():
         keras.utils.set_random_seed(0)
         trainer = PITTrainer(build_network("tiny", C, 3), C, "pit", interaction_lr_multiplier=1.0)
-        trainer.compile(optimizer=keras.optimizers.SGD(0.1, momentum=0.9))
+        optimizer = keras.optimizers.SGD(0.1, momentum=0.9)
+    # Compiled outside the scope, as Keras allows: the optimizer's slots are still made in the trainer's scope.
+    trainer.compile(optimizer=optimizer)
     history = trainer.fit(tf.data.Dataset.from_tensors(batch).repeat(), epochs=1, steps_per_epoch=1, verbose=0,
                           shuffle=False)
     assert set(history.history) == {"loss", "seg_src", "img_src", "img_trg", "rec_src", "rec_trg"}

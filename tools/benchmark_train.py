@@ -165,8 +165,13 @@ def print_report(path):
             data = json.load(f)
     except (OSError, ValueError) as err:
         raise UserError(f"--report={path}: cannot be read as JSON ({err}).") from None
-    data["summary"] = reporting.summarize(data["results"])
-    print(reporting.report(data))
+    try:
+        data["summary"] = reporting.summarize(data["results"])
+        text = reporting.report(data)
+    except (KeyError, TypeError, AttributeError) as err:
+        raise UserError(f"--report={path}: not a JSON written by benchmark_train (no {err} where expected)."
+                        ) from None
+    print(text)
 
 
 def run_one_case(args, name):

@@ -201,11 +201,13 @@ class PITTrainer(keras.Model):
         return self.method != "source_only" or self.self_training is not None
 
     def compile(self, optimizer, **kwargs):
-        """Keras's compile, then the optimizer's slots built on the network's trainable weights, in the caller's
-        strategy scope (they are mirrored like the weights they follow). Left to the first step, they would be
-        made while it is traced, and tf.function traces a step that makes variables twice."""
+        """Keras's compile, then the optimizer's slots built on the network's trainable weights, in the trainer's
+        strategy scope (they are mirrored like the weights they follow), once. Left to the first step, they
+        would be made while it is traced, and tf.function traces a step that makes variables twice."""
         super().compile(optimizer=optimizer, **kwargs)
-        self.optimizer.build(self.network.trainable_variables)
+        if not self.optimizer.built:
+            with self.distribute_strategy.scope():
+                self.optimizer.build(self.network.trainable_variables)
 
     @property
     def metrics(self):
