@@ -125,3 +125,13 @@ def test_the_train_flags_defaults_are_the_configs():
     expected = RunConfig(source="synthetic", source_root=root, target="synthetic", target_root=root,
                          image_labels="ground_truth").to_json()
     assert parsed == expected
+
+
+def test_self_training_defaults_are_the_configs():
+    # SelfTraining (for the library's own callers) and RunConfig (for runs) hold the same defaults.
+    from pit_keras.training import runner
+    from pit_keras.training.trainer import SelfTraining
+
+    config = RunConfig(source="synthetic", source_root="x", target="synthetic", target_root="x",
+                       self_training=True, image_labels="teacher")
+    assert runner.self_training_settings(config) == SelfTraining(seed=config.seed)
