@@ -33,7 +33,8 @@ def mirrored_strategy():
 
     return tf.distribute.MirroredStrategy(["/cpu:0", "/cpu:1"])
 
-# The test files that take longest (seconds on 2 cores, `--durations=0`), heaviest first. xdist hands a worker a
+
+# The test files that take longest (by `--durations=0` on 2 cores), heaviest first. xdist hands a worker a
 # whole file at a time in collection order (setup.cfg: `--dist loadfile --no-loadscope-reorder`), so the long files
 # start first and the short ones fill in at the end, and neither worker is left running a long file alone.
 LONGEST_FIRST = ["test_method.py", "test_reliability.py", "test_distribute.py", "test_trainer.py",
