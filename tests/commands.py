@@ -48,20 +48,34 @@ def run_tool_in_process(name, *args):
     return _main_in_process(name, f"tools/{name}.py", args, define_flags=True)
 
 
+@contextlib.contextmanager
+def flags_defined_within():
+    """absl's global `FLAGS`, given back unparsed and without the flags defined inside the block, so that the next
+    command or tool can define the same names."""
+    from absl import flags
+
+    FLAGS = flags.FLAGS
+    defined = set(FLAGS)
+    try:
+        yield FLAGS
+    finally:
+        FLAGS.unparse_flags()
+        for flag in set(FLAGS) - defined:
+            delattr(FLAGS, flag)
+
+
 def _main_in_process(name, program, args, define_flags):
     """Imports module `name` afresh, defines its flags (`define_flags()`, for a tool; a command defines them on
     import), runs its `main` through `errors.run_main` with `sys.argv = [program, *args]` from the repository
     root, and puts back the process-wide state it changed."""
-    from absl import app, flags
+    from absl import app
     from absl import logging as absl_logging
 
     from pit_keras import console, errors
     from pit_keras import flags as pit_flags
 
-    FLAGS = flags.FLAGS
     pit_flags.define_console_flags()  # --tf_logs and absl's help flags stay defined for good
     app.define_help_flags()
-    defined = set(FLAGS)
     sys.modules.pop(name, None)
     keras = sys.modules.get("keras")  # train and the benchmarks set the global dtype policy; unset, it is floatx
     saved = (sys.argv, list(sys.meta_path), console._quiet, absl_logging.get_verbosity(),
@@ -74,7 +88,8 @@ def _main_in_process(name, program, args, define_flags):
     # process that holds TensorFlow; frozen, what existed before the command is left out of it.
     gc.freeze()
     try:
-        with contextlib.chdir(REPO), contextlib.redirect_stdout(stdout), contextlib.redirect_stderr(stderr):
+        with flags_defined_within(), contextlib.chdir(REPO), contextlib.redirect_stdout(stdout), \
+                contextlib.redirect_stderr(stderr):
             module = importlib.import_module(name)
             if define_flags:
                 module.define_flags()
@@ -94,9 +109,6 @@ def _main_in_process(name, program, args, define_flags):
             keras = sys.modules["keras"]
             keras.mixed_precision.set_global_policy(saved[4] or keras.config.floatx())
         sys.modules.pop(name, None)
-        FLAGS.unparse_flags()
-        for flag in set(FLAGS) - defined:
-            delattr(FLAGS, flag)
         with errors._background_lock:
             errors._background.clear()
     return subprocess.CompletedProcess([program if define_flags else name, *args], returncode, stdout.getvalue(),

@@ -524,7 +524,7 @@ def test_two_workers_equal_one_process_fed_the_same_global_batches(two_worker_ru
     final = load_weights(folder / "w0.npz")
     initial = load_weights(folder / "w0.npz.initial.npz")
     single = one_process_on_the_workers_batches(config, initial)
-    differences = [float(np.abs(f - s).max()) for f, s in zip(final, single)]
+    differences = [float(np.abs(f - s).max()) for f, s in zip(final, single, strict=True)]
     moved = max(float(np.abs(s - i).max()) for s, i in zip(single, initial))
     assert moved > 1e-3
     print(f"two workers against one process: max weight difference {max(differences):.3g} (weights moved {moved:.3g})")

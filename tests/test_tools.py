@@ -16,7 +16,7 @@ from PIL import Image
 
 import figures
 import results_table
-from commands import run_tool_in_process
+from commands import flags_defined_within, run_tool_in_process
 from conftest import REPO, run_config
 from pit_keras.errors import UserError
 
@@ -302,21 +302,16 @@ def test_the_documented_command_lines_parse():
     commands = documented_commands()
     assert {name for name, _ in commands} >= {"benchmark_train", "benchmark_aspp", "benchmark_export",
                                                "check_dataset", "count_params", "results_table", "figures"}
-    FLAGS = flags.FLAGS
     for name, args in commands:
-        defined = set(FLAGS)
-        tool = importlib.import_module(name)
-        tool.define_flags()
-        try:
-            FLAGS([f"tools/{name}.py", *args])  # absl refuses an unknown flag or a bad value
-            if name == "benchmark_train":  # the case names too
-                tool.settings_from_flags()
-        except (flags.Error, UserError) as err:
-            raise AssertionError(f"python tools/{name}.py {shlex.join(args)}: {err}") from None
-        finally:
-            FLAGS.unparse_flags()
-            for flag in set(FLAGS) - defined:
-                delattr(FLAGS, flag)
+        with flags_defined_within() as FLAGS:
+            tool = importlib.import_module(name)
+            tool.define_flags()
+            try:
+                FLAGS([f"tools/{name}.py", *args])  # absl refuses an unknown flag or a bad value
+                if name == "benchmark_train":  # the case names too
+                    tool.settings_from_flags()
+            except (flags.Error, UserError) as err:
+                raise AssertionError(f"python tools/{name}.py {shlex.join(args)}: {err}") from None
 
 
 @pytest.mark.parametrize("name, args, message", [
