@@ -9,8 +9,9 @@ import (5-10 s of CPU), so only tests that check the process itself use it, and 
 on absl's global `FLAGS`), ARGS parsed by absl as `sys.argv`, its `main` called through `errors.run_main` (the
 one-sentence errors and exit codes) from the repository root, Python's stdout and stderr captured. Afterwards
 the command's flags are deleted and the module forgotten, so any command can run next (commands that define the
-same flags would otherwise clash), and the process-wide state `run_main` sets is put back. Not for what only a
-separate process shows: TensorFlow's C++ output, signals, a hang at exit.
+same flags would otherwise clash), and the process-wide state the command sets (the dtype policy, --deterministic's
+op determinism, what `run_main` sets) is put back. Not for what only a separate process shows: TensorFlow's C++
+output, signals, a hang at exit.
 """
 
 import contextlib
@@ -33,9 +34,7 @@ def run(module, *args, timeout=300):
 
 
 def run_in_process(module, *args):
-    """`python -m pit_keras.MODULE ARGS`, run in this process (see the module's docstring). Not with
-    --deterministic: TensorFlow's op determinism, once on, stays on for the rest of the process."""
-    assert "--deterministic" not in args, "run a deterministic command with `run`, in a process of its own"
+    """`python -m pit_keras.MODULE ARGS`, run in this process (see the module's docstring)."""
     name = f"pit_keras.{module}"
     return _main_in_process(name, f"{name}.py", args, define_flags=False)
 
@@ -71,6 +70,8 @@ def _main_in_process(name, program, args, define_flags):
     from absl import app
     from absl import logging as absl_logging
 
+    from tensorflow.python.framework import config as tf_config
+
     from pit_keras import console, errors
     from pit_keras import flags as pit_flags
 
@@ -79,7 +80,7 @@ def _main_in_process(name, program, args, define_flags):
     sys.modules.pop(name, None)
     keras = sys.modules.get("keras")  # train and the benchmarks set the global dtype policy; unset, it is floatx
     saved = (sys.argv, list(sys.meta_path), console._quiet, absl_logging.get_verbosity(),
-             keras and keras.mixed_precision.global_policy().name)
+             keras and keras.mixed_precision.global_policy().name, tf_config.is_op_determinism_enabled())
     stdout, stderr = io.StringIO(), io.StringIO()
     returncode = 0
     with errors._background_lock:
@@ -108,6 +109,8 @@ def _main_in_process(name, program, args, define_flags):
         if "keras" in sys.modules:
             keras = sys.modules["keras"]
             keras.mixed_precision.set_global_policy(saved[4] or keras.config.floatx())
+        if not saved[5]:
+            tf_config.disable_op_determinism()  # --deterministic's; TensorFlow has no public way back
         sys.modules.pop(name, None)
         with errors._background_lock:
             errors._background.clear()

@@ -17,8 +17,20 @@ import pytest
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+# TensorFlow's oneDNN kernels are off in the test processes: the tests trace hundreds of tiny graphs, and oneDNN's
+# set-up per graph costs about an eighth of their CPU (tests/test_trainer.py and test_method.py: 96.6 s of user
+# time on, 84.5 s off). TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it loads; the variable is put back
+# right after, so the commands the tests start in processes of their own run as users run them, oneDNN on.
+_ONEDNN = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+os.environ["TF_ENABLE_ONEDNN_OPTS"] = _ONEDNN or "0"
+
 from pit_keras import atomic  # noqa: E402
 from pit_keras.training import distribute  # noqa: E402
+from tensorflow.python.util import _pywrap_util_port  # noqa: E402
+
+_pywrap_util_port.IsMklEnabled()  # read now
+if _ONEDNN is None:
+    del os.environ["TF_ENABLE_ONEDNN_OPTS"]
 
 # Two logical CPU devices in every test process, made before TensorFlow starts: the mirrored-strategy tests run
 # in-process on "/cpu:0" and "/cpu:1"; everything else runs on the first, as it would alone.
@@ -37,9 +49,9 @@ def mirrored_strategy():
 # The test files that take longest (by `--durations=0` on 2 cores), heaviest first. xdist hands a worker a
 # whole file at a time in collection order (setup.cfg: `--dist loadfile --no-loadscope-reorder`), so the long files
 # start first and the short ones fill in at the end, and neither worker is left running a long file alone.
-LONGEST_FIRST = ["test_method.py", "test_reliability.py", "test_distribute.py", "test_trainer.py",
-                 "test_benchmark.py", "test_backbones.py", "test_self_training.py", "test_demo.py", "test_export.py",
-                 "test_deploy.py"]
+LONGEST_FIRST = ["test_reliability.py", "test_distribute.py", "test_method.py", "test_backbones.py",
+                 "test_benchmark.py", "test_trainer.py", "test_export.py", "test_self_training.py", "test_deploy.py",
+                 "test_demo.py"]
 
 
 def pytest_collection_modifyitems(items):
@@ -48,6 +60,15 @@ def pytest_collection_modifyitems(items):
         return LONGEST_FIRST.index(name) if name in LONGEST_FIRST else len(LONGEST_FIRST)
 
     items.sort(key=rank)  # stable: a file's tests keep their order
+
+
+def expect(check, mistake):
+    """Runs `check`; with a deliberate mistake in place it must turn red (raise AssertionError)."""
+    if mistake:
+        with pytest.raises(AssertionError):
+            check()
+    else:
+        check()
 
 
 REPO = pathlib.Path(__file__).resolve().parents[1]

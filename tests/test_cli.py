@@ -36,10 +36,8 @@ def test_train_resumes_from_the_newest_checkpoint_and_evaluate_agrees(trained_ru
     model_dir = tmp_path / "pit"
     shutil.copytree(trained_run[0], model_dir)
     steps = TRAINED_RUN_STEPS + 2
-    # In the test's process (subprocesses resume in tests/test_reliability.py): without --deterministic, which
-    # would hold for the rest of the process.
-    args = [a for a in trained_run_args(tiny_benchmark, model_dir) if a != "--deterministic"
-            and not a.startswith("--num_steps=")]
+    # In the test's process (a subprocess is killed and resumed in tests/test_reliability.py).
+    args = [a for a in trained_run_args(tiny_benchmark, model_dir) if not a.startswith("--num_steps=")]
     resumed = run_in_process("train", *args, f"--num_steps={steps}")
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"at step {TRAINED_RUN_STEPS}" in resumed.stdout and f"trained to step {steps}" in resumed.stdout

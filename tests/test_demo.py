@@ -2,28 +2,22 @@
 target label file deleted, and a run stopped mid-way resumes its student and its EMA teacher exactly. One
 uninterrupted run serves both tests."""
 
-import os
 import shutil
-import subprocess
-import sys
 
 import numpy as np
 import pytest
 import tensorflow as tf
+from tensorflow.python.framework import config as tf_config
 
-from conftest import REPO
-
-
-def demo_command(bench, model_dir, *extra):
-    return [sys.executable, "-m", "pit_keras.train", "--flagfile=flags/demo.cfg", "--source=gta5",
-            f"--source_root={bench / 'gta5'}", "--target=cityscapes", f"--target_root={bench / 'cityscapes'}",
-            "--source_size=64,32", "--target_size=64,32", "--batch_size=2", "--log_every=2", "--image_every=2",
-            "--verbose=0", f"--model_dir={model_dir}", *extra]
+from commands import run_in_process
 
 
-def run(command):
-    return subprocess.run(command, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "TF_CPP_MIN_LOG_LEVEL": "2"})
+def demo(bench, model_dir, *extra):
+    """The train command with flags/demo.cfg on `bench`, in this process (tests/commands.py)."""
+    return run_in_process(
+        "train", "--flagfile=flags/demo.cfg", "--source=gta5", f"--source_root={bench / 'gta5'}",
+        "--target=cityscapes", f"--target_root={bench / 'cityscapes'}", "--source_size=64,32", "--target_size=64,32",
+        "--batch_size=2", "--log_every=2", "--image_every=2", "--verbose=0", f"--model_dir={model_dir}", *extra)
 
 
 # Deterministic, a checkpoint every 3 steps: the stopped run resumes from the middle one.
@@ -43,7 +37,7 @@ def unlabelled_benchmark(tiny_benchmark, tmp_path_factory):
 def demo_run(unlabelled_benchmark, tmp_path_factory):
     """The demo trained for 6 steps without target labels, TensorBoard pictures every 2: `(model_dir, result)`."""
     model_dir = tmp_path_factory.mktemp("demo_run") / "straight"
-    return model_dir, run(demo_command(unlabelled_benchmark, model_dir, *STEPS))
+    return model_dir, demo(unlabelled_benchmark, model_dir, *STEPS)
 
 
 def test_the_demo_trains_with_every_target_label_deleted(demo_run):
@@ -53,6 +47,8 @@ def test_the_demo_trains_with_every_target_label_deleted(demo_run):
     assert "trained to step 6" in result.stdout
     reader = tf.train.load_checkpoint(str(model_dir / "checkpoints" / "ckpt-6"))
     assert any(name.startswith("teacher/") for name in reader.get_variable_to_shape_map())
+    # The run was --deterministic, in this process: tests/commands.py turned op determinism off again after it.
+    assert not tf_config.is_op_determinism_enabled()
 
 
 def checkpoint_values(model_dir, step, prefix):
@@ -73,7 +69,7 @@ def test_a_stopped_demo_resumes_student_and_teacher(demo_run, unlabelled_benchma
         path.unlink()
     (stopped / "checkpoints" / "checkpoint").write_text(
         'model_checkpoint_path: "ckpt-3"\nall_model_checkpoint_paths: "ckpt-3"\n')
-    resumed = run(demo_command(unlabelled_benchmark, stopped, *STEPS))
+    resumed = demo(unlabelled_benchmark, stopped, *STEPS)
     assert resumed.returncode == 0, resumed.stderr[-3000:]
     assert "resumed from" in resumed.stdout and "at step 3" in resumed.stdout
     for prefix in ("network/", "teacher/"):
