@@ -21,15 +21,15 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # set-up per graph costs about an eighth of their CPU (tests/test_trainer.py and test_method.py: 96.6 s of user
 # time on, 84.5 s off). TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it loads; the variable is put back
 # right after, so the commands the tests start in processes of their own run as users run them, oneDNN on.
-_ONEDNN = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
-os.environ["TF_ENABLE_ONEDNN_OPTS"] = _ONEDNN or "0"
+USER_ONEDNN = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
+os.environ["TF_ENABLE_ONEDNN_OPTS"] = USER_ONEDNN or "0"
 
 from pit_keras import atomic  # noqa: E402
 from pit_keras.training import distribute  # noqa: E402
 from tensorflow.python.util import _pywrap_util_port  # noqa: E402
 
 _pywrap_util_port.IsMklEnabled()  # read now
-if _ONEDNN is None:
+if USER_ONEDNN is None:
     del os.environ["TF_ENABLE_ONEDNN_OPTS"]
 
 # Two logical CPU devices in every test process, made before TensorFlow starts: the mirrored-strategy tests run

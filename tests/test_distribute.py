@@ -97,14 +97,12 @@ def mirrored_steps(config):
         scales[interaction_weights(self.network).path] = self.interaction_lr_multiplier
         return scales
 
-    from pit_keras.training import trainer as trainer_module
-
     multipliers = dict(head_lr_multiplier=10.0, interaction_lr_multiplier=0.5)
     one_device = tf.distribute.get_strategy()
     kinds, reference = step(one_device, head_lr_multiplier=1.0, interaction_lr_multiplier=1.0)
     deltas = {"one_device": step(one_device, **multipliers)[1], "right": step(strategy, **multipliers)[1]}
     with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(trainer_module.tf.nn, "compute_average_loss", lambda per_image: tf.reduce_mean(per_image))
+        patch.setattr(tf.nn, "compute_average_loss", lambda per_image: tf.reduce_mean(per_image))
         deltas["wrong_reduction"] = step(strategy, **multipliers)[1]
     with pytest.MonkeyPatch.context() as patch:
         # The mistake (the w^k's multiplier as absolute) makes the same update on one device as under the strategy.

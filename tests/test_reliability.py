@@ -21,6 +21,7 @@ import pytest
 import tensorflow as tf
 from PIL import Image
 
+import conftest
 from commands import run_in_process
 from conftest import REPO, TRAINED_RUN_STEPS, run_config, trained_run_args
 from pit_keras.training import callbacks
@@ -192,6 +193,9 @@ def tensorboard_events(log_dir):
 
 def test_the_console_is_quiet_and_progress_counts_steps_in_plain_lines(damaged_run):
     result = damaged_run[0]
+    # The run's process had oneDNN on, as users have it (conftest turns it off in the test processes only), so
+    # its start-up line was there to be hidden.
+    assert os.environ.get("TF_ENABLE_ONEDNN_OPTS") == conftest.USER_ONEDNN
     # TensorFlow's start-up lines on this CPU-only machine (with TF_CPP_MIN_LOG_LEVEL=2 as in run()).
     for noise in ("cuInit", "oneDNN", "cudart", "absl::InitializeLog", "local_rendezvous", "W0000", "I0000"):
         assert noise not in result.stderr, result.stderr[-2000:]
