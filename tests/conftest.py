@@ -15,6 +15,8 @@ import subprocess
 
 import pytest
 
+from pit_keras import atomic
+
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
 # TensorFlow's oneDNN kernels are off in the test processes: the tests trace hundreds of tiny graphs, and oneDNN's
@@ -22,19 +24,50 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 # time on, 84.5 s off). TensorFlow reads TF_ENABLE_ONEDNN_OPTS once, when it loads; the variable is put back
 # right after, so the commands the tests start in processes of their own run as users run them, oneDNN on.
 USER_ONEDNN = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
-os.environ["TF_ENABLE_ONEDNN_OPTS"] = USER_ONEDNN or "0"
 
-from pit_keras import atomic  # noqa: E402
-from pit_keras.training import distribute  # noqa: E402
-from tensorflow.python.util import _pywrap_util_port  # noqa: E402
 
-_pywrap_util_port.IsMklEnabled()  # read now
-if USER_ONEDNN is None:
-    del os.environ["TF_ENABLE_ONEDNN_OPTS"]
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's, which registers "dsession" in the process that runs none
+def pytest_configure(config):
+    """Sets TensorFlow up in a process that runs tests, before any test file imports it; xdist's controller
+    process, which only hands out the tests, does not load it."""
+    if not config.pluginmanager.hasplugin("dsession"):
+        _set_up_tensorflow()
 
-# Two logical CPU devices in every test process, made before TensorFlow starts: the mirrored-strategy tests run
-# in-process on "/cpu:0" and "/cpu:1"; everything else runs on the first, as it would alone.
-distribute.configure_cpu_replicas(2)
+
+def _set_up_tensorflow():
+    os.environ["TF_ENABLE_ONEDNN_OPTS"] = USER_ONEDNN or "0"
+    from tensorflow.python.util import _pywrap_util_port
+
+    from pit_keras.training import distribute
+
+    _pywrap_util_port.IsMklEnabled()  # read now
+    if USER_ONEDNN is None:
+        del os.environ["TF_ENABLE_ONEDNN_OPTS"]
+    _without_autotune()
+    # Two logical CPU devices, made before TensorFlow starts: the mirrored-strategy tests run in-process on
+    # "/cpu:0" and "/cpu:1"; everything else runs on the first, as it would alone.
+    distribute.configure_cpu_replicas(2)
+
+
+def _without_autotune():
+    """tf.data's autotuner is off for the iterators made in test processes. In TensorFlow 2.21 an iterator's
+    teardown can wait out the autotuner's current period, up to a minute, with no CPU used: the cancellation
+    callback wakes its optimisation loop before `IsCancelled()` turns true, and the loop sleeps again. Deleted
+    iterators of earlier tests stalled 1 to 3 tests a run for 10 to 40 s each. Autotuning sets buffer sizes and
+    parallelism, never the order of the elements, so what the tests check is unchanged; the commands the tests
+    start in processes of their own run with it, as users run them. TensorFlow applies `_apply_debug_options`
+    to a dataset wherever it makes an iterator (eager, in a tf.function, per device, distributed)."""
+    import tensorflow as tf
+    from tensorflow.python.data.ops import dataset_ops
+
+    options = tf.data.Options()
+    options.autotune.enabled = False
+    apply_debug_options = dataset_ops.DatasetV2._apply_debug_options
+
+    def without_autotune(dataset):
+        return apply_debug_options(dataset).with_options(options)
+
+    dataset_ops.DatasetV2._apply_debug_options = without_autotune
 
 
 @functools.cache
