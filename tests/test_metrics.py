@@ -1,4 +1,4 @@
-"""Tests of pit_keras.evaluation.metrics against scikit-learn and numbers worked out by hand."""
+"""Tests of pit_keras.evaluation.metrics against pixel-by-pixel counts and numbers worked out by hand."""
 
 import csv
 import json
@@ -8,13 +8,12 @@ import os
 import numpy as np
 import pytest
 from PIL import Image
-from sklearn.metrics import confusion_matrix as sklearn_confusion_matrix
 
 from pit_keras.evaluation import metrics, reports
 from pit_keras.data import classes
 
 
-def test_confusion_matrix_matches_sklearn_with_ignored_pixels():
+def test_confusion_matrix_counts_every_pixel_once_and_skips_ignored_ones():
     rng = np.random.default_rng(0)
     num_classes = 5
     labels = rng.integers(0, num_classes, size=(3, 16, 24)).astype(np.uint8)
@@ -24,8 +23,10 @@ def test_confusion_matrix_matches_sklearn_with_ignored_pixels():
     cm.update(labels[:2], predictions[:2])
     cm.update(labels[2], predictions[2])
 
-    kept = labels != classes.IGNORE_INDEX
-    expected = sklearn_confusion_matrix(labels[kept], predictions[kept], labels=range(num_classes))
+    expected = np.zeros((num_classes, num_classes), np.int64)
+    for truth, predicted in zip(labels.ravel(), predictions.ravel()):
+        if truth != classes.IGNORE_INDEX:
+            expected[truth, predicted] += 1
     np.testing.assert_array_equal(cm.matrix, expected)
     assert cm.matrix.dtype == np.int64
     assert cm.num_images == 3
