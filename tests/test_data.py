@@ -73,6 +73,14 @@ def test_cityscapes_missing_labels(tmp_path):
         cityscapes.list_images(str(tmp_path), "train")
 
 
+def test_the_test_processes_iterate_without_tf_data_autotuning():
+    # tests/conftest.py turns autotuning off where TensorFlow makes an iterator; were that hook no longer called
+    # (a TensorFlow upgrade), deleted iterators would stall tests again.
+    iterator = iter(tf.data.Dataset.range(3).prefetch(pipeline.AUTOTUNE))
+    assert iterator._dataset.options().autotune.enabled is False
+    assert list(iterator) == [0, 1, 2]
+
+
 def test_source_pipeline_eager_and_in_tf_data_agree(tiny_benchmark):
     pairs = gta5.list_pairs(str(tiny_benchmark / "gta5"))
     image, label = pairs[0]
