@@ -157,7 +157,7 @@ def test_interrupted_export_leaves_the_previous_export_untouched(exported, model
     before = exporting.file_sizes(output)
     metadata_before = (output / "metadata.json").read_text()
 
-    def fail(segmenter, input_size, variant, calibration=None):
+    def fail(segmenter, input_size, variant, calibration=None, work_dir=None):
         raise KeyboardInterrupt("interrupted while converting")
 
     # The SavedModel is written before the first conversion fails, so the staging folder is not empty.

@@ -100,22 +100,37 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(trained_run, tiny
     assert "resumed from" in resumed.stdout and f"ckpt-{previous} at step {previous}" in resumed.stdout
 
 
-def test_sigterm_writes_a_checkpoint_and_stops_cleanly(tiny_benchmark, tmp_path):
-    model_dir = tmp_path / "run"
+@pytest.fixture(scope="module")
+def sigterm_run(tiny_benchmark, tmp_path_factory):
+    """A train process, with --tf_logs and without TF_CPP_MIN_LOG_LEVEL in its environment (as a user starts
+    it), sent SIGTERM once its step-50 checkpoint is written: `(returncode, stderr, model_dir)`."""
+    model_dir = tmp_path_factory.mktemp("sigterm") / "run"
+    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     process = subprocess.Popen(train_command(tiny_benchmark, model_dir, "--num_steps=100000",
-                                             "--checkpoint_every=50"),
-                               cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+                                             "--checkpoint_every=50", "--tf_logs"),
+                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     marker = model_dir / "checkpoints" / "ckpt-50.index"
     deadline = time.time() + 180
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
     process.send_signal(signal.SIGTERM)
     _, err = process.communicate(timeout=60)
-    assert process.returncode == 128 + signal.SIGTERM, err[-2000:]
+    return process.returncode, err, model_dir
+
+
+def test_sigterm_writes_a_checkpoint_and_stops_cleanly(sigterm_run):
+    returncode, err, model_dir = sigterm_run
+    assert returncode == 128 + signal.SIGTERM, err[-2000:]
     assert "stopped: SIGTERM at step" in err and "rerun the same command to resume" in err
     step = int(err.split("SIGTERM at step ")[1].split(";")[0])
     assert checkpoints.latest_checkpoint(str(model_dir)).endswith(f"ckpt-{step}")
     assert "Traceback" not in err
+
+
+def test_tf_logs_brings_back_what_is_hidden_by_default(sigterm_run):
+    # The banner of the lines TensorFlow logs while it loads, before any logging setting applies: hidden by
+    # default (test_the_console_is_quiet_and_progress_counts_steps_in_plain_lines), shown with --tf_logs.
+    assert "absl::InitializeLog" in sigterm_run[1]
 
 
 def test_divergence_names_step_and_term_and_keeps_the_last_good_checkpoint(tiny_benchmark, tmp_path):
@@ -380,16 +395,6 @@ def test_the_progress_callback_replaces_keras_epochs(capsys):
     lines = capsys.readouterr().out.splitlines()
     assert re.fullmatch(r"step 2/4  [\d.]+ steps/s  ETA 0s  loss [\d.]+  mae [\d.]+", lines[0]), lines
     assert re.fullmatch(r"step 4/4  [\d.]+ steps/s  loss [\d.]+  mae [\d.]+", lines[1]), lines
-
-
-def test_tf_logs_brings_back_what_is_hidden_by_default():
-    script = ("import sys; from pit_keras import console; console.configure(tf_logs='--tf_logs' in sys.argv); "
-              "import tensorflow")
-    env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
-    shown = subprocess.run([sys.executable, "-c", script, "--tf_logs"], cwd=REPO, env=env, capture_output=True,
-                           text=True, timeout=120)
-    # The banner of the lines TensorFlow logs while it loads, before any logging setting applies.
-    assert shown.returncode == 0 and "absl::InitializeLog" in shown.stderr
 
 
 def test_quiet_stderr_drops_only_known_noise(capfd, monkeypatch):

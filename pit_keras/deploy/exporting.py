@@ -22,6 +22,7 @@ ARG_MAX. With mediapipe installed each model also carries MediaPipe's ImageSegme
 (`mediapipe_metadata`): normalisation, the class names as a labels file, softmax activation.
 """
 
+import contextlib
 import ctypes
 import errno
 import json
@@ -109,7 +110,7 @@ def calibration_images(config, input_size, count):
     return images
 
 
-def convert_tflite(segmenter, input_size, variant, calibration=None):
+def convert_tflite(segmenter, input_size, variant, calibration=None, work_dir=None):
     """Converts the segmenter to a `.tflite` flatbuffer with builtin ops only (no Flex ops).
 
     Args:
@@ -119,6 +120,9 @@ def convert_tflite(segmenter, input_size, variant, calibration=None):
             int8 (int8 weights and activations; uint8 input, logits dequantized at the output) |
             gpu_float16 (float16 weights, float32 input).
         calibration: for int8, the uint8 `[1, H, W, 3]` images that fix the activation ranges.
+        work_dir: a folder for the SavedModel the converter reads: written there once per input dtype and
+            size, and reused by the variants converted after it with the same `work_dir` and segmenter (a
+            temporary folder of its own if None).
 
     Returns:
         The model as bytes.
@@ -128,10 +132,13 @@ def convert_tflite(segmenter, input_size, variant, calibration=None):
     if variant not in TFLITE_VARIANTS:
         raise ValueError(f"Unknown TFLite variant {variant!r}; expected one of {TFLITE_VARIANTS}.")
     width, height = input_size
-    with tempfile.TemporaryDirectory() as saved_model:
-        write_saved_model(segmenter, tflite_function(segmenter),
-                          tf.TensorSpec([1, height, width, 3], TFLITE_INPUT_DTYPES[variant], name="images"),
-                          saved_model)
+    dtype = TFLITE_INPUT_DTYPES[variant]
+    with contextlib.ExitStack() as stack:
+        work_dir = work_dir or stack.enter_context(tempfile.TemporaryDirectory())
+        saved_model = os.path.join(work_dir, f"tflite_{dtype}_{width}x{height}")
+        if not os.path.exists(saved_model):
+            write_saved_model(segmenter, tflite_function(segmenter),
+                              tf.TensorSpec([1, height, width, 3], dtype, name="images"), saved_model)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
         configure_converter(converter, variant, calibration)
         with console.quiet_stderr():  # the converter's own log lines
@@ -323,8 +330,9 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
                     "(pip install -e \".[deploy]\" adds it); LiteRT runs them either way.")
         class_names = config.classes.names
         calibration = (calibration_images(config, tflite_size, calibration_count) if "int8" in variants else None)
+        work_dir = os.path.join(staging, ".tflite_work")  # the SavedModels the variants convert from
         for variant in variants:
-            flatbuffer = convert_tflite(segmenter, tflite_size, variant, calibration)
+            flatbuffer = convert_tflite(segmenter, tflite_size, variant, calibration, work_dir=work_dir)
             if mediapipe:
                 flatbuffer = mediapipe_metadata.add_segmenter_metadata(flatbuffer, class_names, NORM_MEAN, NORM_STD,
                                                                        softmax=True)
@@ -332,6 +340,7 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
                 f.write(flatbuffer)
             log(f"wrote {tflite_filename(variant)} ({len(flatbuffer) / 1e6:.2f} MB"
                 f"{', with MediaPipe metadata' if mediapipe else ''})")
+        shutil.rmtree(work_dir, ignore_errors=True)
         metadata = build_metadata(model_dir, config, checkpoint, SAVED_MODEL in formats, tflite_size, variants,
                                   len(calibration) if calibration else 0, file_sizes(staging), mediapipe=mediapipe)
         atomic.write_json_atomic(os.path.join(staging, predictors.METADATA_FILE), metadata)

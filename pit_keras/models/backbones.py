@@ -175,15 +175,15 @@ def copy_stock_weights(model, stock, renames=None, skip=()):
         source = renames.get(layer.name, layer.name)
         if not layer.weights or source not in stock_layers:
             continue
-        values = stock_layers[source].get_weights()
-        targets = [w.shape for w in layer.weights]
-        shapes_match = [tuple(v.shape) == tuple(t) for v, t in zip(values, targets)]
+        values, targets = stock_layers[source].weights, layer.weights
+        shapes_match = [tuple(v.shape) == tuple(t.shape) for v, t in zip(values, targets)]
         if len(values) != len(targets) or not all(shapes_match):
-            if layer.name not in renames or [v.size for v in values] != [int(np.prod(t)) for t in targets]:
-                raise ValueError(f"layer {layer.name}: stock weights {[v.shape for v in values]} do not fit "
-                                 f"{targets}.")
-            values = [v.reshape(t) for v, t in zip(values, targets)]
-        layer.set_weights(values)
+            if layer.name not in renames or [int(np.prod(v.shape)) for v in values] != [int(np.prod(t.shape))
+                                                                                           for t in targets]:
+                raise ValueError(f"layer {layer.name}: stock weights {[tuple(v.shape) for v in values]} do not "
+                                 f"fit {[tuple(t.shape) for t in targets]}.")
+        for target, value in zip(targets, values):  # variable to variable: no copy of the 100 M fc weights in numpy
+            target.assign(keras.ops.reshape(value, target.shape))
         copied.append(layer.name)
         used.add(source)
     left = sorted(set(stock_layers) - used - set(skip))
