@@ -7,6 +7,7 @@ worker needs it first, and read by the others (`made_once`)."""
 
 import fcntl
 import functools
+import gc
 import json
 import os
 import pathlib
@@ -32,6 +33,17 @@ def pytest_configure(config):
     process, which only hands out the tests, does not load it."""
     if not config.pluginmanager.hasplugin("dsession"):
         _set_up_tensorflow()
+
+
+@pytest.hookimpl(trylast=True)
+def pytest_sessionfinish(session):
+    """The tests are over: one full garbage collection, then the heap is frozen (`gc.freeze`). Whatever a
+    finalizer of cyclic garbage raises still reaches pytest's report of unraisable exceptions (it is raised during
+    that collection); pytest's own five collections at the end and Python's at exit then skip the heap of traced
+    graphs TensorFlow leaves behind (measured: 4-5 s less at the end of a test process)."""
+    if not session.config.pluginmanager.hasplugin("dsession"):
+        gc.collect()
+        gc.freeze()
 
 
 def _set_up_tensorflow():
