@@ -237,7 +237,7 @@ def test_export_cli_refuses_to_overwrite_a_home_folder_in_one_sentence(tmp_path)
 
 
 def test_the_new_export_is_swapped_in_whole_before_the_old_one_is_deleted(tmp_path, monkeypatch):
-    from pit_keras.deploy import exporting
+    from pit_keras import atomic
 
     old, new = tmp_path / "export", tmp_path / ".export.partial-1"
     for folder, name in ((old, "old.tflite"), (new, "new.tflite")):
@@ -245,11 +245,11 @@ def test_the_new_export_is_swapped_in_whole_before_the_old_one_is_deleted(tmp_pa
         (folder / name).write_text(name)
         (folder / "metadata.json").write_text("{}")
     # Interrupted while deleting the old export: the destination already holds the new one, whole.
-    monkeypatch.setattr(exporting.shutil, "rmtree", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
+    monkeypatch.setattr(atomic.shutil, "rmtree", lambda path: (_ for _ in ()).throw(KeyboardInterrupt()))
     with pytest.raises(KeyboardInterrupt):
-        exporting.replace_folder(str(new), str(old))
+        atomic.replace_folder(str(new), str(old))
     assert sorted(os.listdir(old)) == ["metadata.json", "new.tflite"]
-    assert exporting._exchange(str(new), str(old))  # Linux swaps two folders in one step
+    assert atomic._exchange(str(new), str(old))  # Linux swaps two folders in one step
     assert sorted(os.listdir(new)) == ["metadata.json", "new.tflite"]
 
 
