@@ -37,12 +37,15 @@ def pytest_configure(config):
 
 @pytest.hookimpl(trylast=True)
 def pytest_sessionfinish(session):
-    """The tests are over: one full garbage collection, then the heap is frozen (`gc.freeze`). Whatever a
-    finalizer of cyclic garbage raises still reaches pytest's report of unraisable exceptions (it is raised during
-    that collection); pytest's own five collections at the end and Python's at exit then skip the heap of traced
-    graphs TensorFlow leaves behind (measured: 4-5 s less at the end of a test process)."""
+    """The tests are over: full garbage collections until one finds nothing (at most five, as pytest's own), then
+    the heap is frozen (`gc.freeze`). Whatever a finalizer of cyclic garbage raises still reaches pytest's report
+    of unraisable exceptions (it is raised during those collections); pytest's collections at the end and
+    Python's at exit then skip the heap of traced graphs TensorFlow leaves behind (measured: a test process
+    ended 4-5 s sooner; a whole run 10 s -> 1.4 s from its last test to its end)."""
     if not session.config.pluginmanager.hasplugin("dsession"):
-        gc.collect()
+        for _ in range(5):
+            if not gc.collect():
+                break
         gc.freeze()
 
 

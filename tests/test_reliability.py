@@ -103,7 +103,8 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(trained_run, tiny
 @pytest.fixture(scope="module")
 def sigterm_run(tiny_benchmark, tmp_path_factory):
     """A train process, with --tf_logs and without TF_CPP_MIN_LOG_LEVEL in its environment (as a user starts
-    it), sent SIGTERM once its step-50 checkpoint is written: `(returncode, stderr, model_dir)`."""
+    it), sent SIGTERM once its step-50 checkpoint is written: `(returncode, stderr, model_dir)`. The quiet
+    default console is the damaged-source run's (`damaged_run`)."""
     model_dir = tmp_path_factory.mktemp("sigterm") / "run"
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     process = subprocess.Popen(train_command(tiny_benchmark, model_dir, "--num_steps=100000",

@@ -120,7 +120,7 @@ def convert_tflite(segmenter, input_size, variant, calibration=None, work_dir=No
             gpu_float16 (float16 weights, float32 input).
         calibration: for int8, the uint8 `[1, H, W, 3]` images that fix the activation ranges.
         work_dir: where the SavedModel the converter reads is written, once per input dtype and size, for the
-            later variants of the same segmenter to reuse (a temporary folder of its own if None).
+            later variants of the same segmenter to reuse: one folder per segmenter (a temporary one if None).
 
     Returns:
         The model as bytes.
@@ -134,9 +134,10 @@ def convert_tflite(segmenter, input_size, variant, calibration=None, work_dir=No
     with contextlib.ExitStack() as stack:
         work_dir = work_dir or stack.enter_context(tempfile.TemporaryDirectory())
         saved_model = os.path.join(work_dir, f"tflite_{dtype}_{width}x{height}")
-        if not os.path.exists(saved_model):
+        if not os.path.exists(saved_model):  # renamed into place once whole: a failed write is never reused
             write_saved_model(segmenter, tflite_function(segmenter),
-                              tf.TensorSpec([1, height, width, 3], dtype, name="images"), saved_model)
+                              tf.TensorSpec([1, height, width, 3], dtype, name="images"), saved_model + ".partial")
+            os.rename(saved_model + ".partial", saved_model)
         converter = tf.lite.TFLiteConverter.from_saved_model(saved_model)
         configure_converter(converter, variant, calibration)
         with console.quiet_stderr(), _heap_frozen():  # quiet: the converter's own log lines
@@ -352,7 +353,7 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
                 f.write(flatbuffer)
             log(f"wrote {tflite_filename(variant)} ({len(flatbuffer) / 1e6:.2f} MB"
                 f"{', with MediaPipe metadata' if mediapipe else ''})")
-        shutil.rmtree(work_dir, ignore_errors=True)
+        shutil.rmtree(work_dir)
         metadata = build_metadata(model_dir, config, checkpoint, SAVED_MODEL in formats, tflite_size, variants,
                                   len(calibration) if calibration else 0, file_sizes(staging), mediapipe=mediapipe)
         atomic.write_json_atomic(os.path.join(staging, predictors.METADATA_FILE), metadata)
