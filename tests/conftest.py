@@ -41,7 +41,7 @@ def pytest_sessionfinish(session):
     the heap is frozen (`gc.freeze`). Whatever a finalizer of cyclic garbage raises still reaches pytest's report
     of unraisable exceptions (it is raised during those collections); pytest's collections at the end and
     Python's at exit then skip the heap of traced graphs TensorFlow leaves behind (measured: a test process
-    ended 4-5 s sooner; a whole run 10 s -> 1.4 s from its last test to its end)."""
+    ended 4-5 s sooner; a whole run 10 s -> 2.4 s from its last test to its end)."""
     if not session.config.pluginmanager.hasplugin("dsession"):
         for _ in range(5):
             if not gc.collect():

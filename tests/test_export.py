@@ -169,6 +169,14 @@ def test_interrupted_export_leaves_the_previous_export_untouched(exported, model
     assert sorted(os.listdir(output.parent)) == ["pit"]
 
 
+def test_a_saved_model_only_export_holds_the_saved_model_and_its_metadata(model_dir, tmp_path):
+    from pit_keras.deploy import exporting
+
+    metadata = exporting.export(model_dir, tmp_path / "export", formats=("saved_model",), log=lambda *_: None)
+    assert sorted(os.listdir(tmp_path / "export")) == ["metadata.json", "saved_model"]
+    assert metadata["tflite"] is None and os.listdir(tmp_path) == ["export"]
+
+
 def test_overwrite_replaces_the_export_once_complete(exported, model_dir, tmp_path):
     from pit_keras.deploy import exporting
 

@@ -353,7 +353,8 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
                 f.write(flatbuffer)
             log(f"wrote {tflite_filename(variant)} ({len(flatbuffer) / 1e6:.2f} MB"
                 f"{', with MediaPipe metadata' if mediapipe else ''})")
-        shutil.rmtree(work_dir)
+        if os.path.exists(work_dir):  # no .tflite variant asked for: never made
+            shutil.rmtree(work_dir)
         metadata = build_metadata(model_dir, config, checkpoint, SAVED_MODEL in formats, tflite_size, variants,
                                   len(calibration) if calibration else 0, file_sizes(staging), mediapipe=mediapipe)
         atomic.write_json_atomic(os.path.join(staging, predictors.METADATA_FILE), metadata)
