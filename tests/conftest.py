@@ -27,11 +27,16 @@ os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 USER_ONEDNN = os.environ.get("TF_ENABLE_ONEDNN_OPTS")
 
 
-@pytest.hookimpl(trylast=True)  # after pytest-xdist's, which registers "dsession" in the process that runs none
+def _runs_tests(config):
+    """False in xdist's controller process, which only hands out the tests (xdist registers "dsession" there)."""
+    return not config.pluginmanager.hasplugin("dsession")
+
+
+@pytest.hookimpl(trylast=True)  # after pytest-xdist's, which registers "dsession"
 def pytest_configure(config):
     """Sets TensorFlow up in a process that runs tests, before any test file imports it; xdist's controller
-    process, which only hands out the tests, does not load it."""
-    if not config.pluginmanager.hasplugin("dsession"):
+    process does not load it."""
+    if _runs_tests(config):
         _set_up_tensorflow()
 
 
@@ -42,7 +47,7 @@ def pytest_sessionfinish(session):
     of unraisable exceptions (it is raised during those collections); pytest's collections at the end and
     Python's at exit then skip the heap of traced graphs TensorFlow leaves behind (measured: a test process
     ended 4-5 s sooner; a whole run 10 s -> 2.4 s from its last test to its end)."""
-    if not session.config.pluginmanager.hasplugin("dsession"):
+    if _runs_tests(session.config):
         for _ in range(5):
             if not gc.collect():
                 break
