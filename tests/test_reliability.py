@@ -242,7 +242,7 @@ def test_missing_or_empty_dataset_folders_are_named(tmp_path):
 
 
 def test_a_full_disk_during_a_checkpoint_keeps_the_previous_one(tmp_path):
-    trainer = make_trainer("pit")
+    trainer = make_trainer("pit", run_eagerly=True)
     manager = checkpoints.manager(trainer.network, trainer.optimizer, str(tmp_path), max_to_keep=1)
     checkpointer = callbacks.Checkpointer(manager, every=1)
     checkpointer.set_model(trainer)

@@ -1,5 +1,9 @@
 """The trainer: one fit step of every method, which terms each method computes, and a checkpoint round trip. (The
-w^k's learning-rate multiplier: tests/test_distribute.py, on one device and under MirroredStrategy.)"""
+w^k's learning-rate multiplier: tests/test_distribute.py, on one device and under MirroredStrategy.)
+
+A fit step per method, and the check that the step is traced once, run the traced step as users do. The tests whose
+subject is a step's arithmetic (the weighted sum, what a NaN target reaches, a resume's next step) run it eagerly
+(`make_trainer(..., run_eagerly=True)`): the same numbers without a trace per trainer."""
 
 import keras
 import numpy as np
@@ -27,11 +31,11 @@ def batches(n=2, size=32, target_value=None, seed=0):
     return tf.data.Dataset.from_tensors(batch).repeat()
 
 
-def make_trainer(method="pit", seed=0, learning_rate=0.01, momentum=0.9, **kwargs):
+def make_trainer(method="pit", seed=0, learning_rate=0.01, momentum=0.9, run_eagerly=False, **kwargs):
     keras.utils.set_random_seed(seed)
     network = build_network("tiny", C, num_units=3 if method == "pit" else 0)
     trainer = PITTrainer(network, C, method=method, **kwargs)
-    trainer.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum))
+    trainer.compile(optimizer=keras.optimizers.SGD(learning_rate, momentum=momentum), run_eagerly=run_eagerly)
     return trainer
 
 
@@ -64,10 +68,10 @@ def test_the_training_step_is_traced_once():
 
 def test_source_only_never_runs_target_images():
     # NaN target images would poison any weight they reach.
-    trainer = make_trainer("source_only")
+    trainer = make_trainer("source_only", run_eagerly=True)
     trainer.fit(batches(target_value=np.nan), epochs=1, steps_per_epoch=2, verbose=0)
     assert all(np.all(np.isfinite(v.numpy())) for v in trainer.network.weights)
-    pit = make_trainer("pit")
+    pit = make_trainer("pit", run_eagerly=True)
     logs = pit.fit(batches(target_value=np.nan), epochs=1, steps_per_epoch=1, verbose=0).history
     assert not np.isfinite(logs["img_trg"][-1])
 
@@ -82,7 +86,7 @@ def test_ablation_flags_select_the_terms(kwargs, terms):
 
 
 def test_total_loss_is_the_weighted_sum_of_the_terms():
-    trainer = make_trainer("pit", lambda_c=0.3, lambda_r=2.0, learning_rate=0.0)
+    trainer = make_trainer("pit", lambda_c=0.3, lambda_r=2.0, learning_rate=0.0, run_eagerly=True)
     logs = {k: v[-1] for k, v in trainer.fit(batches(), epochs=1, steps_per_epoch=1, verbose=0).history.items()}
     expected = logs["seg_src"] + 0.3 * (logs["img_src"] + logs["img_trg"]) + 2.0 * (logs["rec_src"] + logs["rec_trg"])
     np.testing.assert_allclose(logs["loss"], expected, rtol=1e-5)
@@ -106,12 +110,12 @@ def test_feature_and_input_resolution_losses_agree_closely():
 
 
 def test_checkpoint_round_trip_resumes_at_the_same_step_and_weights(tmp_path):
-    trainer = make_trainer("pit")
+    trainer = make_trainer("pit", run_eagerly=True)
     manager = checkpoints.manager(trainer.network, trainer.optimizer, str(tmp_path))
     trainer.fit(batches(), epochs=1, steps_per_epoch=3, verbose=0)
     manager.save(checkpoint_number=3)
 
-    resumed = make_trainer("pit", seed=1)  # different initial weights, overwritten by the restore
+    resumed = make_trainer("pit", seed=1, run_eagerly=True)  # different initial weights, overwritten by the restore
     assert checkpoints.restore_latest(resumed.network, resumed.optimizer, str(tmp_path)).endswith("ckpt-3")
     assert int(resumed.optimizer.iterations.numpy()) == 3
     for a, b in zip(trainer.network.weights, resumed.network.weights):
