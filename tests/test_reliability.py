@@ -103,14 +103,14 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(trained_run, tiny
 @pytest.fixture(scope="module")
 def sigterm_run(tiny_benchmark, tmp_path_factory):
     """A train process, with --tf_logs and without TF_CPP_MIN_LOG_LEVEL in its environment (as a user starts
-    it), sent SIGTERM once its step-50 checkpoint is written: `(returncode, stderr, model_dir)`. The quiet
+    it), sent SIGTERM once its step-10 checkpoint is written: `(returncode, stderr, model_dir)`. The quiet
     default console is the damaged-source run's (`damaged_run`)."""
     model_dir = tmp_path_factory.mktemp("sigterm") / "run"
     env = {k: v for k, v in os.environ.items() if k != "TF_CPP_MIN_LOG_LEVEL"}
     process = subprocess.Popen(train_command(tiny_benchmark, model_dir, "--num_steps=100000",
-                                             "--checkpoint_every=50", "--tf_logs"),
+                                             "--checkpoint_every=10", "--tf_logs"),
                                cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    marker = model_dir / "checkpoints" / "ckpt-50.index"
+    marker = model_dir / "checkpoints" / "ckpt-10.index"
     deadline = time.time() + 180
     while not marker.exists() and process.poll() is None and time.time() < deadline:
         time.sleep(0.05)
@@ -134,7 +134,7 @@ def test_tf_logs_brings_back_what_is_hidden_by_default(sigterm_run):
     assert "absl::InitializeLog" in sigterm_run[1]
 
 
-def test_divergence_names_step_and_term_and_keeps_the_last_good_checkpoint(tiny_benchmark, tmp_path):
+def test_divergence_names_step_and_term_and_keeps_the_last_good_checkpoint(tiny_benchmark, tmp_path, eager_steps):
     model_dir = tmp_path / "run"
     result = run_in_process("train", *train_args(tiny_benchmark, model_dir, "--num_steps=200",
                                                  "--checkpoint_every=1", "--learning_rate=1e8"))
