@@ -1,8 +1,8 @@
 """The trainer: one fit step of every method, which terms each method computes, and a checkpoint round trip. (The
 w^k's learning-rate multiplier: tests/test_distribute.py, on one device and under MirroredStrategy.)
 
-A fit step per method (traced once) runs the traced step as users do. The tests whose
-subject is a step's arithmetic (the weighted sum, what a NaN target reaches, a resume's next step) run it eagerly
+A fit step per method runs the traced step as users do (and checks it is traced once). The tests whose subject is
+a step's arithmetic (the weighted sum, what a NaN target reaches, a resume's next step) run it eagerly
 (`make_trainer(..., run_eagerly=True)`): the same numbers without a trace per trainer."""
 
 import keras
