@@ -7,7 +7,8 @@ import tensorflow as tf
 
 from pit_keras import losses
 from pit_keras.errors import UserError
-from pit_keras.models import backbones
+from conftest import expect
+from pit_keras.models import backbones, layers
 from pit_keras.models.network import build_network, fine_segmenter, interaction_weights
 
 
@@ -46,6 +47,45 @@ def test_trained_batch_norm_is_synchronized_across_replicas(name):
     assert norms and all(l.synchronized for l in norms)
 
 
+def traced_training_call(layer, x):
+    """One traced training-mode call of a BatchNorm `layer` on `x` with a gradient: the output, the gradients of a
+    loss on it with respect to x, gamma and beta, the moving statistics after the call; and the traced op count."""
+    @tf.function
+    def step(x):
+        with tf.GradientTape() as tape:
+            tape.watch(x)
+            y = layer(x, training=True)
+            loss = tf.reduce_sum(y * tf.cos(y))
+        return [y, *tape.gradient(loss, [x, layer.gamma, layer.beta])]
+
+    ops = len(step.get_concrete_function(x).graph.get_operations())
+    return [t.numpy() for t in step(x)] + [layer.moving_mean.numpy(), layer.moving_variance.numpy()], ops
+
+
+@pytest.mark.parametrize("mistake", [None, "plain_moments", "all_reduced"])
+def test_synchronized_batch_norm_on_one_replica_is_keras_to_the_bit_without_all_reduces(monkeypatch, mistake):
+    if mistake == "plain_moments":  # tf.nn.moments: the same statistics, rounded otherwise
+        monkeypatch.setattr(layers, "local_moments", lambda x, axes: tf.nn.moments(x, axes))
+    if mistake == "all_reduced":  # the override never taken
+        monkeypatch.setattr(layers, "_one_replica", lambda: False)
+    x = tf.random.stateless_normal((4, 16, 16, 8), seed=(1, 2)) * 2.0 + 3.0
+    results = []
+    for layer in (keras.layers.BatchNormalization(synchronized=True), layers.BatchNormalization(synchronized=True)):
+        layer.build(x.shape)
+        rng = np.random.default_rng(0)
+        layer.gamma.assign(rng.uniform(0.5, 1.5, 8))
+        layer.beta.assign(rng.normal(0, 0.1, 8))
+        results.append(traced_training_call(layer, x))
+    (theirs, their_ops), (ours, our_ops) = results
+
+    def check():
+        for a, b in zip(theirs, ours):
+            assert np.array_equal(a, b)
+        assert our_ops < their_ops - 8, (our_ops, their_ops)  # measured: 129 and 141
+
+    expect(check, mistake)
+
+
 def test_backbone_weights_load_from_a_local_file(tmp_path):
     keras.utils.set_random_seed(1)
     trained = backbones.build_backbone("tiny")
@@ -53,6 +93,21 @@ def test_backbone_weights_load_from_a_local_file(tmp_path):
     trained.save_weights(path)
     loaded = backbones.build_backbone("tiny", path)
     for a, b in zip(trained.weights, loaded.weights):
+        np.testing.assert_array_equal(a.numpy(), b.numpy())
+
+
+def test_weights_saved_with_keras_own_batch_norm_load_unchanged(tmp_path, monkeypatch):
+    # .weights.h5 files name layers after their class: pit_keras' BatchNormalization keeps Keras' class name.
+    with monkeypatch.context() as patched:
+        patched.setattr(layers, "BatchNormalization", keras.layers.BatchNormalization)
+        keras.utils.set_random_seed(3)
+        stock = backbones.build_backbone("tiny")
+    assert not any(isinstance(l, layers.BatchNormalization) for l in stock.layers)
+    path = str(tmp_path / "tiny.weights.h5")
+    stock.save_weights(path)
+    loaded = backbones.build_backbone("tiny", path)
+    assert any(isinstance(l, layers.BatchNormalization) for l in loaded.layers)
+    for a, b in zip(stock.weights, loaded.weights):
         np.testing.assert_array_equal(a.numpy(), b.numpy())
 
 

@@ -12,7 +12,7 @@ import keras
 import numpy as np
 
 from pit_keras.errors import UserError
-from pit_keras.models.layers import ResizeLike
+from pit_keras.models import layers
 
 
 @dataclasses.dataclass(frozen=True)
@@ -40,7 +40,7 @@ class BackboneSpec:
 def _conv_bn_relu(x, filters, name, strides=1, dilation=1):
     x = keras.layers.Conv2D(filters, 3, strides=strides, dilation_rate=dilation, padding="same",
                             use_bias=False, name=f"{name}_conv")(x)
-    x = keras.layers.BatchNormalization(synchronized=True, name=f"{name}_bn")(x)
+    x = layers.BatchNormalization(synchronized=True, name=f"{name}_bn")(x)
     return keras.layers.ReLU(name=f"{name}_relu")(x)
 
 
@@ -67,7 +67,7 @@ def build_tiny(weights=None, widths=(16, 32, 64)):
 
 def _synchronized(layer):
     if isinstance(layer, keras.layers.BatchNormalization):
-        return keras.layers.BatchNormalization.from_config({**layer.get_config(), "synchronized": True})
+        return layers.BatchNormalization.from_config({**layer.get_config(), "synchronized": True})
     return layer.__class__.from_config(layer.get_config())
 
 
@@ -276,7 +276,7 @@ def build_fcn8s_vgg16(weights=None, width=FCN8S_FEATURE_WIDTH):
     x = keras.layers.Dropout(0.5, name="drop7")(x)
     x = keras.layers.Conv2D(width, 1, name="fc7_proj")(x)
     for tap in ("pool4", "pool3"):
-        x = ResizeLike(name=f"up_to_{tap}")([x, pools[tap]])
+        x = layers.ResizeLike(name=f"up_to_{tap}")([x, pools[tap]])
         y = keras.layers.Rescaling(FCN8S_SKIP_SCALES[tap], name=f"{tap}_scale")(pools[tap])
         y = keras.layers.Conv2D(width, 1, name=f"{tap}_proj")(y)
         x = keras.layers.Add(name=f"fuse_{tap}")([x, y])

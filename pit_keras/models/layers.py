@@ -66,3 +66,39 @@ class RegionReconstruction(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "num_units": self.num_units}
+
+
+@keras.saving.register_keras_serializable(package="pit_keras")
+class BatchNormalization(keras.layers.BatchNormalization):
+    """Keras' BatchNormalization, whose synchronized batch statistics skip the cross-replica sums on one replica.
+
+    With `synchronized=True` Keras computes the statistics from sums of x, x^2 and a count, each all-reduced over
+    the replicas. With one replica (no strategy, or a strategy of one device) those all-reduces are identities,
+    yet each adds a merge call and a custom gradient to the traced step. Here the same sums and divisions run
+    without them: the same statistics to the bit, fewer ops to trace (the tiny PIT step: 3870 -> 3678 ops, its
+    trace 2.5 -> 2.3 s of CPU, medians of 7 alternated traces). Across replicas, and for float16/bfloat16
+    statistics or masks, it is Keras' layer. The class keeps Keras' name: `.weights.h5` files address layers by
+    their class's name, so weights files load into either.
+    """
+
+    def _moments(self, inputs, mask):
+        if (self.synchronized and mask is None and keras.backend.standardize_dtype(inputs.dtype) == "float32"
+                and _one_replica()):
+            return local_moments(inputs, self._reduction_axes)
+        return super()._moments(inputs, mask)
+
+
+def _one_replica():
+    context = tf.distribute.get_replica_context()
+    return context is not None and context.num_replicas_in_sync == 1
+
+
+def local_moments(x, axes):
+    """Keras' synchronized moments (`keras.src.backend.tensorflow.nn._compute_moments_sync`) on one replica:
+    sums over `axes`, divided by the count, variance E(x^2) - E(x)^2 clipped at 0; `axes` squeezed away."""
+    count = tf.reduce_sum(tf.ones_like(x, name="count"), axis=axes, keepdims=True)
+    total = tf.reduce_sum(x, axis=axes, keepdims=True)
+    squares = tf.reduce_sum(tf.square(x), axis=axes, keepdims=True)
+    mean = tf.math.divide_no_nan(total, count)
+    variance = tf.maximum(tf.math.divide_no_nan(squares, count) - tf.square(mean), 0.0)
+    return tf.squeeze(mean, axes), tf.squeeze(variance, axes)
