@@ -1,13 +1,14 @@
-"""The network: outputs, backbones and weights, serialisation, and where the reconstruction's gradients go."""
+"""The network: outputs, backbones and weights, BatchNorm on one replica, serialisation, and where the
+reconstruction's gradients go."""
 
 import keras
 import numpy as np
 import pytest
 import tensorflow as tf
 
+from conftest import expect
 from pit_keras import losses
 from pit_keras.errors import UserError
-from conftest import expect
 from pit_keras.models import backbones, layers
 from pit_keras.models.network import build_network, fine_segmenter, interaction_weights
 
