@@ -172,9 +172,20 @@ def test_interrupted_export_leaves_the_previous_export_untouched(exported, model
 def test_a_saved_model_only_export_holds_the_saved_model_and_its_metadata(model_dir, tmp_path):
     from pit_keras.deploy import exporting
 
-    metadata = exporting.export(model_dir, tmp_path / "export", formats=("saved_model",), log=lambda *_: None)
+    # Staging folders of earlier exports to the same folder: one whose process was killed (gone), one of a
+    # running process, one of another host. Only the first is removed.
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    prefix = exporting.staging_prefix("export")
+    stale, running, elsewhere = (f"{prefix}{ended.pid}", f"{prefix}{os.getppid()}",
+                                 f".export.partial-another-host-{ended.pid}")
+    for folder in (stale, running, elsewhere):
+        (tmp_path / folder / "saved_model").mkdir(parents=True)
+    lines = []
+    metadata = exporting.export(model_dir, tmp_path / "export", formats=("saved_model",), log=lines.append)
     assert sorted(os.listdir(tmp_path / "export")) == ["metadata.json", "saved_model"]
-    assert metadata["tflite"] is None and os.listdir(tmp_path) == ["export"]
+    assert metadata["tflite"] is None and sorted(os.listdir(tmp_path)) == sorted([elsewhere, running, "export"])
+    assert f"removed {tmp_path / stale}, left by an export that was stopped" in lines
 
 
 def test_overwrite_replaces_the_export_once_complete(exported, model_dir, tmp_path):
