@@ -7,7 +7,8 @@ The new content goes to a temporary file in the destination's folder (os.replace
 file system), which is then renamed over the destination. Should writing fail (a full disk, an error while
 serializing, Ctrl-C), the temporary file is removed and the destination keeps its previous content.
 
-`replace_folder` puts a whole folder in the place of another (an export) the same way.
+`replace_folder` puts a whole folder in the place of another (an export) the same way; the new folder is built
+in a hidden sibling from `staging_folder`, which also removes the ones killed processes left behind.
 
 Only the standard library is imported, so numpy-only modules (evaluation.reports) and the tools can use it
 without loading TensorFlow.
@@ -20,6 +21,7 @@ import json
 import os
 import secrets
 import shutil
+import socket
 
 
 def atomic_write(path, write, suffix=""):
@@ -109,3 +111,42 @@ def replace_folder(new, destination):
         os.rename(old, destination)
         raise
     shutil.rmtree(old)
+
+
+def staging_prefix(name):
+    """The name of the hidden folder beside `name` that a whole new `name` is built in, up to the building
+    process's PID; it names the host, as several hosts may share the parent folder."""
+    return f".{name}.partial-{socket.gethostname()}-"
+
+
+def staging_folder(parent, name, what, log):
+    """Creates `PARENT/.NAME.partial-HOST-PID`, an empty folder to build a whole new PARENT/NAME in (on the same
+    file system, so that the final rename is atomic), and returns its path.
+
+    First removes the staging folders of NAME that processes on this host left when they were killed where they
+    could not clean up (SIGKILL, power loss): those whose process is gone, each logged through `log` as "removed
+    PATH, left by WHAT that was stopped". Those of a running process, or of another host, stay.
+    """
+    prefix = staging_prefix(name)
+    for entry in sorted(os.listdir(parent)):
+        pid = entry[len(prefix):] if entry.startswith(prefix) else ""
+        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
+            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
+            log(f"removed {os.path.join(parent, entry)}, left by {what} that was stopped")
+    staging = os.path.join(parent, prefix + str(os.getpid()))
+    shutil.rmtree(staging, ignore_errors=True)  # this process's own, from an earlier attempt
+    os.makedirs(staging)
+    return staging
+
+
+def _running(pid):
+    """Whether process `pid` exists on this host (taken as running where that cannot be asked safely)."""
+    if os.name == "nt":  # os.kill would terminate it there
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process
+        return True
+    return True

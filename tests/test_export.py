@@ -17,6 +17,7 @@ from PIL import Image
 
 from commands import run, run_in_process
 from conftest import REPO, TRAINED_RUN_STEPS
+from pit_keras import atomic
 
 # Pixel agreement with the Keras network's labels each variant must reach.
 MIN_AGREEMENT = {"float32": 0.995, "float16": 0.995, "dynamic_int8": 0.97, "int8": 0.97, "gpu_float16": 0.995}
@@ -176,7 +177,7 @@ def test_a_saved_model_only_export_holds_the_saved_model_and_its_metadata(model_
     # running process, one of another host. Only the first is removed.
     ended = subprocess.Popen(["true"])
     ended.wait()
-    prefix = exporting.staging_prefix("export")
+    prefix = atomic.staging_prefix("export")
     stale, running, elsewhere = (f"{prefix}{ended.pid}", f"{prefix}{os.getppid()}",
                                  f".export.partial-another-host-{ended.pid}")
     for folder in (stale, running, elsewhere):

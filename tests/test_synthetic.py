@@ -2,11 +2,13 @@
 
 import json
 import os
+import subprocess
 
 import numpy as np
 import pytest
 from PIL import Image
 
+from pit_keras import atomic
 from pit_keras.data import synthetic
 from pit_keras.data.classes import CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS, label_id_palette
 
@@ -174,10 +176,18 @@ def test_interrupted_generation_leaves_nothing_that_looks_complete(tmp_path, mon
         synthetic.ensure(root, **SMALL)
     assert os.listdir(tmp_path) == []
     monkeypatch.undo()
-    # A hard kill cannot clean up: its hidden partial folder, even with a benchmark.json, must not count.
-    partial = tmp_path / ".bench.partial-killed"
-    partial.mkdir()
-    (partial / "benchmark.json").write_text("{}")
-    synthetic.ensure(root, **SMALL)
+    # A hard kill cannot clean up: its hidden partial folder, even with a benchmark.json, must not count. The
+    # next generation removes it once its process is gone (this host's); another host's stays.
+    ended = subprocess.Popen(["true"])
+    ended.wait()
+    killed, elsewhere = (tmp_path / f"{atomic.staging_prefix('bench')}{ended.pid}",
+                         tmp_path / f".bench.partial-another-host-{ended.pid}")
+    for partial in (killed, elsewhere):
+        partial.mkdir()
+        (partial / "benchmark.json").write_text("{}")
+    lines = []
+    synthetic.ensure(root, **SMALL, log=lines.append)
     assert json.loads((root / "benchmark.json").read_text())["num_source"] == 3
+    assert sorted(os.listdir(tmp_path)) == sorted(["bench", elsewhere.name])
+    assert lines == [f"removed {killed}, left by a generation that was stopped"]
     assert len(list((root / "gta5" / "images").iterdir())) == 3

@@ -19,11 +19,11 @@ import inspect
 import json
 import os
 import shutil
-import tempfile
 
 import numpy as np
 from PIL import Image
 
+from pit_keras import atomic
 from pit_keras.data.classes import CITYSCAPES_CLASSES, CITYSCAPES_LABEL_IDS, label_id_palette
 
 SOURCE_DIR = "gta5"
@@ -323,11 +323,13 @@ def _read_params(root):
         return None
 
 
-def generate(root, num_source=400, num_target_train=400, num_target_val=100, size=(256, 128), seed=0) -> None:
+def generate(root, num_source=400, num_target_train=400, num_target_val=100, size=(256, 128), seed=0,
+             log=print) -> None:
     """Write the benchmark under `root`: `root/gta5` (GTA5 layout) and `root/cityscapes` (Cityscapes layout).
 
-    Everything is written into a hidden temporary sibling folder, `benchmark.json` last, and then renamed to
-    `root`, so an interrupted run leaves no `root` that looks complete. Output is byte-identical for a seed.
+    Everything is written into a hidden sibling folder (`atomic.staging_folder`), `benchmark.json` last, and
+    then renamed to `root`, so an interrupted run leaves no `root` that looks complete; the staging folders that
+    killed generations left are removed first. Output is byte-identical for a seed.
 
     Args:
         root: folder to create; must not exist or be empty.
@@ -336,6 +338,7 @@ def generate(root, num_source=400, num_target_train=400, num_target_val=100, siz
         size: `(W, H)` of every image.
         seed: seed of the whole benchmark; image k uses `default_rng([seed, d, k])`, d = 0 for the source,
             1 for target train, 2 for target val.
+        log: called with the line naming each stale staging folder removed.
     """
     params = _params(num_source, num_target_train, num_target_val, size, seed)
     root = os.path.abspath(os.fspath(root))
@@ -343,9 +346,8 @@ def generate(root, num_source=400, num_target_train=400, num_target_val=100, siz
         raise ValueError(f"Cannot generate the synthetic benchmark in {root}: it exists and is not empty.")
     parent = os.path.dirname(root)
     os.makedirs(parent, exist_ok=True)
-    tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(root)}.partial-", dir=parent)
+    tmp = atomic.staging_folder(parent, os.path.basename(root), "a generation", log)
     try:
-        os.chmod(tmp, 0o755)  # mkdtemp's 0700 would make the renamed benchmark private
         _write(tmp, params)
         with open(os.path.join(tmp, "benchmark.json"), "w") as f:
             json.dump(params, f, indent=2)
@@ -372,7 +374,7 @@ def ensure(root, **params) -> tuple[str, str]:
     """
     bound = inspect.signature(generate).bind(root, **params)
     bound.apply_defaults()
-    wanted = _params(**{k: v for k, v in bound.arguments.items() if k != "root"})
+    wanted = _params(**{k: v for k, v in bound.arguments.items() if k not in ("root", "log")})
     root = os.path.abspath(os.fspath(root))
     paths = (os.path.join(root, SOURCE_DIR), os.path.join(root, TARGET_DIR))
     if _occupied(root):

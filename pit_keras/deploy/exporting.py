@@ -27,7 +27,6 @@ import gc
 import json
 import os
 import shutil
-import socket
 import tempfile
 
 from pit_keras import atomic, console
@@ -327,11 +326,7 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
     tflite_size = tuple(tflite_size or config.target_size)
     parent, name = os.path.split(output_dir)
     os.makedirs(parent, exist_ok=True)
-    remove_stale_staging(parent, name, log)
-    # A sibling folder, so the final rename stays on one file system and is atomic.
-    staging = os.path.join(parent, staging_prefix(name) + str(os.getpid()))
-    shutil.rmtree(staging, ignore_errors=True)
-    os.makedirs(staging)
+    staging = atomic.staging_folder(parent, name, "an export", log)
     try:
         if SAVED_MODEL in formats:
             save_saved_model(segmenter, config.target_size,
@@ -366,32 +361,3 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return metadata
-
-
-def staging_prefix(name):
-    """The name of the staging folder beside `name` that an export to `name` builds in, up to the process's
-    PID: hidden, and naming its host (several hosts may share the parent folder)."""
-    return f".{name}.partial-{socket.gethostname()}-"
-
-
-def remove_stale_staging(parent, name, log):
-    """Removes the staging folders that exports to `name` on this host left behind when they were killed (their
-    process is gone); each holds a whole model. Those of a running export or of another host stay."""
-    prefix = staging_prefix(name)
-    for entry in sorted(os.listdir(parent)):
-        pid = entry[len(prefix):] if entry.startswith(prefix) else ""
-        if pid.isdigit() and not _running(int(pid)):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-            log(f"removed {os.path.join(parent, entry)}, left by an export that was stopped")
-
-
-def _running(pid):
-    if os.name == "nt":  # os.kill would terminate it there: taken as running
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # another user's process
-        return True
-    return True
