@@ -36,6 +36,9 @@ def define_source_flags():
                       "dataset layouts).")
     flags.DEFINE_string("source_root", None, "Source dataset root (for synthetic: the benchmark folder, made on "
                         f"first use; default {DEFAULT_BENCHMARK_ROOT}).")
+    flags.DEFINE_string("label_map", None, "For --source=folder: a JSON object from the raw ids of the label PNGs "
+                        "to train ids, e.g. {\"7\": 0, \"8\": 1}; ids it does not list are ignored (255). "
+                        "Without it the label PNGs hold the 19 train ids.")
 
 
 def define_target_flags():
@@ -61,9 +64,6 @@ def define_train_flags():
     define_model_flags()
     flags.DEFINE_string("model_dir", None, "Run folder: checkpoints, TensorBoard events, results.")
     flags.DEFINE_string("source_size", "1280,640", "Source images are resized to W,H.")
-    flags.DEFINE_string("label_map", None, "For --source=folder: a JSON object from the raw ids of the label PNGs "
-                        "to train ids, e.g. {\"7\": 0, \"8\": 1}; ids it does not list are ignored (255). "
-                        "Without it the label PNGs hold the 19 train ids.")
     flags.DEFINE_enum("method", "pit", config.METHODS, "Training method.")
     flags.DEFINE_boolean("lse_normalize", True, "Divide the LSE pooling by r (Pinheiro & Collobert's form, under "
                          "which r changes what a unit computes; --nolse_normalize: Eq. 1 as printed, where r only "

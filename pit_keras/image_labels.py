@@ -48,11 +48,14 @@ def parse_config():
         if FLAGS["features_weights"].present:
             raise UserError(f"--features_weights does not apply to --features={FLAGS.features} (the run's "
                             "checkpoint is used).")
+    if FLAGS.label_map and FLAGS.source != "folder":
+        raise UserError(f"--label_map applies to --source=folder only, not --source={FLAGS.source}.")
     weights = FLAGS.features_weights
     weights = None if weights == "none" else weights if weights == "imagenet" else os.path.expanduser(weights)
     return {
         "source": FLAGS.source,
         "source_root": pit_flags.dataset_root("source_root", FLAGS.source_root, FLAGS.source, FLAGS.benchmark_seed),
+        "label_map": FLAGS.label_map and os.path.abspath(os.path.expanduser(FLAGS.label_map)),
         "target": FLAGS.target,
         "target_root": pit_flags.dataset_root("target_root", FLAGS.target_root, FLAGS.target, FLAGS.benchmark_seed),
         "num_classes": 16 if FLAGS.source == "synthia" else 19,

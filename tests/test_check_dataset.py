@@ -41,3 +41,44 @@ def test_every_kind_of_damage_is_named(tiny_benchmark, tmp_path):
 def test_a_missing_folder_is_one_sentence(tmp_path):
     result = check("--dataset=cityscapes", f"--root={tmp_path}", "--split=val")
     assert result.returncode == 2 and "no such folder" in result.stderr and "Traceback" not in result.stderr
+
+
+def save(path, array):
+    path.parent.mkdir(parents=True, exist_ok=True)
+    Image.fromarray(np.asarray(array, np.uint8)).save(path)
+
+
+def test_your_own_folders_are_checked_in_their_training_layouts(tmp_path):
+    rng = np.random.default_rng(0)
+    source = tmp_path / "carla"
+    for k, raw in enumerate((7, 8, 9)):
+        save(source / "images" / "town" / f"{k}.png", rng.integers(0, 255, (16, 32, 3)))
+        save(source / "labels" / "town" / f"{k}.png", np.full((16, 32), 7 if k < 2 else raw))
+    (source / "map.json").write_text('{"7": 0, "8": 1}')
+    mapped = check("--dataset=folder_source", f"--root={source}", f"--label_map={source / 'map.json'}")
+    assert mapped.returncode == 0, mapped.stdout + mapped.stderr
+    assert "images: 3; without a label: 0" in mapped.stdout
+    assert "ids the label map does not list (ignored in training), with the number of labels holding each: 9 (1)" \
+        in mapped.stdout
+    # Without the map the same labels hold an id that is no train id (the first label alone is a train id).
+    save(source / "labels" / "town" / "2.png", np.full((16, 32), 200))
+    unmapped = check("--dataset=folder_source", f"--root={source}")
+    assert unmapped.returncode == 1
+    assert f"{source / 'labels' / 'town' / '2.png'}: label values outside the train ids: [200]" in unmapped.stdout
+
+    camera = tmp_path / "camera"
+    save(camera / "day" / "0001.png", rng.integers(0, 255, (20, 40, 3)))
+    Image.fromarray(rng.integers(0, 255, (20, 40, 3)).astype(np.uint8)).save(camera / "0002.jpg")
+    truncated = camera / "0002.jpg"
+    truncated.write_bytes(truncated.read_bytes()[:200])
+    save(camera / "val" / "images" / "v.png", rng.integers(0, 255, (20, 40, 3)))
+    save(camera / "val" / "labels" / "v.png", np.full((20, 40), 18))
+    train = check("--dataset=folder_target", f"--root={camera}")
+    assert train.returncode == 1
+    assert "folder_target at" in train.stdout and "(train)" in train.stdout
+    assert "images: 2; without a label: 2" in train.stdout  # the val set is left out, as training leaves it
+    assert f"{truncated}: " in train.stdout and "problems: 1" in train.stdout
+    val = check("--dataset=folder_target", f"--root={camera}", "--split=val")
+    assert val.returncode == 0 and "images: 1; without a label: 0" in val.stdout, val.stdout + val.stderr
+    refused = check("--dataset=gta5", f"--root={camera}", f"--label_map={source / 'map.json'}")
+    assert refused.returncode == 2 and "--label_map applies to --dataset=folder_source only" in refused.stderr

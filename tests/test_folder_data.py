@@ -121,6 +121,28 @@ def test_evaluate_defaults_to_the_runs_own_target(trained, tmp_path):
     assert scores["miou"] == pytest.approx(json.loads((model_dir / "eval_val.json").read_text())["miou"])
 
 
+def test_image_labels_read_a_folder_source_through_its_label_map(trained, data, tmp_path):
+    model_dir, _ = trained
+    source, camera = data
+    output = tmp_path / "labels.json"
+    args = ("--source=folder", f"--source_root={source}", "--target=folder", f"--target_root={camera}",
+            "--features=backbone", f"--model_dir={model_dir}", "--image_size=64,32", "--epochs=0",
+            f"--cache_dir={tmp_path / 'cache'}", f"--output={output}")
+    unmapped = run("image_labels", *args)
+    assert unmapped.returncode == 2 and "holds the value 200, not a train id" in unmapped.stderr
+    assert not output.exists()
+    result = run("image_labels", *args, f"--label_map={source / 'map.json'}")
+    assert result.returncode == 0, result.stderr[-2000:]
+    # An untrained regressor gives every image the source prior: the mean shares of the mapped source labels
+    # (rows 0-9 raw 3 -> 10, rows 10-20 raw 2 -> 2, rows 21-31 raw 1 -> 0; the strip of unmapped ids ignored).
+    labels = json.loads(output.read_text())
+    expected = np.zeros(19)
+    expected[[10, 2, 0]] = [10 / 32, 11 / 32, 11 / 32]
+    assert len(labels) == 4
+    for values in labels.values():
+        np.testing.assert_allclose(values, expected, atol=1e-4)
+
+
 def test_a_camera_folder_without_val_labels_trains_and_says_it_is_not_evaluated(data, tmp_path):
     source, _ = data
     camera = make_camera(tmp_path / "camera", np.random.default_rng(1), val=False)

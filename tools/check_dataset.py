@@ -3,23 +3,33 @@ values outside the dataset's table; prints a summary and exits 1 if anything is 
 
     python tools/check_dataset.py --dataset=gta5 --root=/data/gta5
     python tools/check_dataset.py --dataset=cityscapes --root=/data/cityscapes --split=train
+    python tools/check_dataset.py --dataset=folder_source --root=/data/carla --label_map=/data/carla/map.json
+    python tools/check_dataset.py --dataset=folder_target --root=/data/camera --split=val
+
+`folder_source` and `folder_target` are your own data in the layouts of `--source=folder` and `--target=folder`
+(README: dataset layouts): `--split=train` of a target folder is its unlabelled images, `val` and `test` its
+labelled sets.
 
 Unlike the start-up checks of training (file headers only), every file is decoded here, so a PNG damaged past
 its header is found too. Training skips such files anyway; this tells you which before step 50,000 does.
 """
 
 import collections
+import json
 import os
 
 import numpy as np
 from absl import flags
 from PIL import Image
 
-from pit_keras.data import cityscapes, gta5, integrity
+from pit_keras.data import cityscapes, folder, gta5, integrity
 from pit_keras.errors import UserError, run_main
 
-# The raw label values each dataset's table defines (anything else is a damaged or foreign label file).
-VALID_IDS = {"gta5": set(range(34)), "cityscapes": set(range(34)), "synthia": set(range(23))}
+# The raw label values each dataset's table defines (anything else is a damaged or foreign label file). A
+# folder's labels hold train ids (255: ignored), or the raw ids its --label_map lists.
+TRAIN_IDS = set(range(19)) | {255}
+VALID_IDS = {"gta5": set(range(34)), "cityscapes": set(range(34)), "synthia": set(range(23)),
+             "folder_source": TRAIN_IDS, "folder_target": TRAIN_IDS}
 
 
 def raw_label_ids(dataset, path):
@@ -33,7 +43,13 @@ def raw_label_ids(dataset, path):
         return np.asarray(label)
 
 
-def list_dataset(dataset, root, split):
+def list_dataset(dataset, root, split, label_map=None):
+    if dataset == "folder_source":
+        return folder.source_pairs(root, label_map)[0]
+    if dataset == "folder_target":
+        if split == "train":
+            return folder.target_images(root)
+        return folder.split_pairs(root, split)[0]
     if dataset == "gta5":
         return gta5.list_pairs(root)
     if dataset == "synthia":
@@ -42,9 +58,25 @@ def list_dataset(dataset, root, split):
     return cityscapes.list_images(root, split)
 
 
-def check(dataset, root, split="train", limit=None):
-    """Returns (summary lines, problems) for a dataset folder; problems are `(path, reason)`."""
-    pairs = list_dataset(dataset, root, split)[:limit]
+def valid_ids(dataset, root, split, label_map):
+    """The label values that are not a problem, and a name for them."""
+    if label_map:
+        with open(label_map) as f:  # read_label_map, in list_dataset, has checked it
+            return {int(raw) for raw in json.load(f)}, f"--label_map={label_map}"
+    if dataset == "folder_target" and os.path.isdir(os.path.join(root, split, "leftImg8bit")):
+        return VALID_IDS["cityscapes"], "cityscapes table"  # its val set as a Cityscapes root: label ids
+    if dataset.startswith("folder"):
+        return VALID_IDS[dataset], "train ids"
+    return VALID_IDS[dataset], f"{dataset} table"
+
+
+def check(dataset, root, split="train", limit=None, label_map=None):
+    """Returns (summary lines, problems) for a dataset folder; problems are `(path, reason)`. With a
+    `label_map` (a folder source's), ids it does not list are ignored by training, so they are counted in the
+    summary rather than reported as problems."""
+    pairs = list_dataset(dataset, root, split, label_map)[:limit]
+    valid, table = valid_ids(dataset, root, split, label_map)
+    unlisted = collections.Counter()
     good, problems = integrity.check_pairs(pairs)
     sizes = collections.Counter()
     for image, label in good:
@@ -62,13 +94,18 @@ def check(dataset, root, split="train", limit=None):
         except (ValueError, UserError, OSError) as err:
             problems.append((label, f"cannot be decoded ({err})"))
             continue
-        outside = sorted(set(np.unique(ids).tolist()) - VALID_IDS[dataset])
-        if outside:
-            problems.append((label, f"label values outside the {dataset} table: {outside[:10]}"))
-    summary = [f"{dataset} at {root}" + (f" ({split})" if dataset == "cityscapes" else ""),
+        outside = sorted(set(np.unique(ids).tolist()) - valid)
+        if outside and label_map:
+            unlisted.update(outside)
+        elif outside:
+            problems.append((label, f"label values outside the {table}: {outside[:10]}"))
+    summary = [f"{dataset} at {root}" + (f" ({split})" if dataset in ("cityscapes", "folder_target") else ""),
                f"  images: {len(pairs)}; without a label: {sum(label is None for _, label in pairs)}",
-               "  image sizes: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common(5)),
-               f"  problems: {len(problems)}"]
+               "  image sizes: " + ", ".join(f"{w}x{h} ({n})" for (w, h), n in sizes.most_common(5))]
+    if unlisted:
+        summary.append("  ids the label map does not list (ignored in training), with the number of labels "
+                       f"holding each: " + ", ".join(f"{i} ({n})" for i, n in sorted(unlisted.items())))
+    summary.append(f"  problems: {len(problems)}")
     return summary, problems
 
 
@@ -79,7 +116,9 @@ def define_flags():
     """The command's flags, defined when it runs (so tests can import the module)."""
     flags.DEFINE_enum("dataset", None, sorted(VALID_IDS), "The dataset's layout.")
     flags.DEFINE_string("root", None, "The dataset's folder.")
-    flags.DEFINE_string("split", "train", "Cityscapes split.")
+    flags.DEFINE_string("split", "train", "Split of cityscapes or folder_target (train: its unlabelled images).")
+    flags.DEFINE_string("label_map", None, "For folder_source: the JSON map of raw label ids to train ids that "
+                        "training is given (--label_map).")
     flags.DEFINE_integer("limit", None, "Check only the first N pairs.")
 
 
@@ -92,8 +131,11 @@ def main(argv):
         raise UserError("--root is required (the dataset's folder).")
     if FLAGS.limit is not None and FLAGS.limit <= 0:
         raise UserError(f"--limit={FLAGS.limit}: must be positive.")
+    if FLAGS.label_map and FLAGS.dataset != "folder_source":
+        raise UserError(f"--label_map applies to --dataset=folder_source only, not --dataset={FLAGS.dataset}.")
+    label_map = FLAGS.label_map and os.path.expanduser(FLAGS.label_map)
     # SYNTHIA labels are read with TensorFlow, imported quietly (errors.run_main set up the console).
-    summary, problems = check(FLAGS.dataset, os.path.expanduser(FLAGS.root), FLAGS.split, FLAGS.limit)
+    summary, problems = check(FLAGS.dataset, os.path.expanduser(FLAGS.root), FLAGS.split, FLAGS.limit, label_map)
     print("\n".join(summary))
     for path, reason in problems:
         print(f"  {path}: {reason}")
