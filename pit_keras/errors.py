@@ -1,6 +1,7 @@
 """User-facing errors: one clear sentence and a non-zero exit instead of a traceback."""
 
 import gc
+import re
 import sys
 import threading
 import traceback
@@ -93,7 +94,39 @@ def run_main(main):
         gc.collect()
         sys.exit(exit_code)
 
-    app.run(guarded)
+    app.run(guarded, flags_parser=_parse_flags)
+
+
+def _parse_flags(argv):
+    """absl's parsing of `argv`; a flag it refuses (unknown, a bad value, a flagfile that cannot be read) is bad
+    input like any other: one sentence, exit code 2 (absl's own parser says FATAL and exits 1, the code kept
+    for bugs)."""
+    from absl import flags
+
+    try:
+        return flags.FLAGS(argv)
+    except flags.Error as err:
+        print(f"error: {flag_error_sentence(err)}", file=sys.stderr, flush=True)
+        sys.exit(UserError.exit_code)
+
+
+def flag_error_sentence(err):
+    """The sentence for an absl flag-parsing error: absl's message, with its near-miss suggestions as flags."""
+    from absl import flags
+
+    text = str(err).strip()
+    if isinstance(err, flags.UnrecognizedFlagError):
+        guesses = [g.strip() for g in text.partition("Did you mean:")[2].rstrip(" ?").split(",") if g.strip()]
+        hint = f" (did you mean {' or '.join('--' + g for g in guesses)}?)" if guesses else ""
+        return f"unknown flag --{err.flagname}{hint}; --helpshort lists the flags."
+    unreadable = re.fullmatch(r".*Unable to open flagfile: \[Errno \d+\] (.+): '(.+)'", text)
+    if unreadable:
+        return f"--flagfile={unreadable[2]}: cannot be read ({unreadable[1]})."
+    not_boolean = re.fullmatch(r"flag (--\S+): \('Non-boolean argument to boolean flag'.*", text)
+    if not_boolean:
+        return f"{not_boolean[1]}: expected true or false."
+    text = text.removeprefix("ERROR:: ").removeprefix("flag ")
+    return text[:1].lower() + text[1:] + ("" if text.endswith(".") else ".")
 
 
 def _release_background():

@@ -19,9 +19,14 @@ def modules():
 def flag_reads(source):
     """`(line, what)` of every use of absl's global `FLAGS` in `source`: `FLAGS.x`, `FLAGS[...]`, `x in FLAGS`,
     `flags.FLAGS` (any `.FLAGS`) and `from absl.flags import FLAGS`. Defining flags (`flags.DEFINE_*`) and
-    reading a definition's `FlagHolder` are not uses."""
+    reading a definition's `FlagHolder` are not uses, nor is parsing the command line, `FLAGS(argv)`
+    (`errors.run_main` does it for every command, as absl's `app.run` would)."""
+    tree = ast.parse(source)
+    parses = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
     found = []
-    for node in ast.walk(ast.parse(source)):
+    for node in ast.walk(tree):
+        if id(node) in parses:
+            continue
         if isinstance(node, ast.Name) and node.id == "FLAGS":
             found.append((node.lineno, "FLAGS"))
         elif isinstance(node, ast.Attribute) and node.attr == "FLAGS":
@@ -40,8 +45,10 @@ def test_flag_reads_are_found_in_every_form(snippet):
     assert flag_reads(snippet)
 
 
-def test_flag_definitions_are_not_flag_reads():
+def test_flag_definitions_and_parsing_are_not_flag_reads():
     assert not flag_reads("from absl import flags\nholder = flags.DEFINE_integer('seed', 0, 'Seed.')\nholder.value")
+    assert not flag_reads("from absl import flags\nrest = flags.FLAGS(argv)")
+    assert flag_reads("from absl import flags\nrest = flags.FLAGS(argv)\nx = flags.FLAGS.seed")
 
 
 def test_only_the_commands_read_flags():
