@@ -115,37 +115,43 @@ def replace_folder(new, destination):
 
 def staging_prefix(name):
     """The name of the hidden folder beside `name` that a whole new `name` is built in, up to the building
-    process's PID; it names the host, as several hosts may share the parent folder."""
-    return f".{name}.partial-{socket.gethostname()}-"
+    process's id and a random token: `.NAME.partial-HOST-PID-TOKEN`. HOST is the host name and, on Linux, the
+    process-id namespace (containers may share a host name and a folder, but not their process ids)."""
+    host = socket.gethostname()
+    with contextlib.suppress(OSError):
+        host += f".pidns{os.stat('/proc/self/ns/pid').st_ino}"
+    return f".{name}.partial-{host}-"
 
 
 def staging_folder(parent, name, what, log):
-    """Creates `PARENT/.NAME.partial-HOST-PID`, an empty folder to build a whole new PARENT/NAME in (on the same
-    file system, so that the final rename is atomic), and returns its path.
+    """Creates `PARENT/.NAME.partial-HOST-PID-TOKEN` (`staging_prefix`), a new empty folder to build a whole new
+    PARENT/NAME in (on the same file system, so that the final rename is atomic), and returns its path.
 
-    First removes the staging folders of NAME that processes on this host left when they were killed where they
+    First removes the staging folders of NAME that processes of this host left when they were killed where they
     could not clean up (SIGKILL, power loss): those whose process is gone, each logged through `log` as "removed
-    PATH, left by WHAT that was stopped". Those of a running process, or of another host, stay.
+    PATH, left by WHAT that was stopped". Those of a running process, or of another host, stay; so do all on
+    Windows, where whether a process runs is not asked.
     """
     prefix = staging_prefix(name)
     for entry in sorted(os.listdir(parent)):
-        pid = entry[len(prefix):] if entry.startswith(prefix) else ""
-        if pid.isdigit() and int(pid) != os.getpid() and not _running(int(pid)):
-            shutil.rmtree(os.path.join(parent, entry), ignore_errors=True)
-            log(f"removed {os.path.join(parent, entry)}, left by {what} that was stopped")
-    staging = os.path.join(parent, prefix + str(os.getpid()))
-    shutil.rmtree(staging, ignore_errors=True)  # this process's own, from an earlier attempt
+        pid = entry[len(prefix):].partition("-")[0] if entry.startswith(prefix) else ""
+        if pid.isascii() and pid.isdigit() and not _running(int(pid)):
+            path = os.path.join(parent, entry)
+            shutil.rmtree(path, ignore_errors=True)
+            if not os.path.exists(path):  # not another user's, say, that this one may not remove
+                log(f"removed {path}, left by {what} that was stopped")
+    staging = os.path.join(parent, f"{prefix}{os.getpid()}-{secrets.token_hex(4)}")
     os.makedirs(staging)
     return staging
 
 
 def _running(pid):
-    """Whether process `pid` exists on this host (taken as running where that cannot be asked safely)."""
+    """Whether process `pid` exists (taken as running where that cannot be asked safely)."""
     if os.name == "nt":  # os.kill would terminate it there
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):  # gone, or no process id at all
         return False
     except PermissionError:  # another user's process
         return True

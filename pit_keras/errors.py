@@ -100,28 +100,35 @@ def run_main(main):
 def _parse_flags(argv):
     """absl's parsing of `argv`; a flag it refuses (unknown, a bad value, a flagfile that cannot be read) is bad
     input like any other: one sentence, exit code 2 (absl's own parser says FATAL and exits 1, the code kept
-    for bugs)."""
+    for bugs). `--help` and `--helpfull` exit 0 once they have printed the flags."""
     from absl import flags
 
     try:
         return flags.FLAGS(argv)
-    except flags.Error as err:
-        print(f"error: {flag_error_sentence(err)}", file=sys.stderr, flush=True)
+    except (flags.Error, ValueError) as err:  # ValueError: `--noflag=x`, a flagfile that is not text
+        print(f"error: {flag_error_sentence(err, argv)}", file=sys.stderr, flush=True)
         sys.exit(UserError.exit_code)
+    except SystemExit as stop:  # only absl's help flags exit while parsing, once they have printed the flags
+        sys.exit(0 if stop.code == 1 else stop.code)
 
 
-def flag_error_sentence(err):
-    """The sentence for an absl flag-parsing error: absl's message, with its near-miss suggestions as flags."""
+def flag_error_sentence(err, argv=()):
+    """The sentence for an absl flag-parsing error raised while parsing `argv`: absl's message, with its
+    near-miss suggestions as flags."""
     from absl import flags
 
     text = str(err).strip()
     if isinstance(err, flags.UnrecognizedFlagError):
         guesses = [g.strip() for g in text.partition("Did you mean:")[2].rstrip(" ?").split(",") if g.strip()]
         hint = f" (did you mean {' or '.join('--' + g for g in guesses)}?)" if guesses else ""
-        return f"unknown flag --{err.flagname}{hint}; --helpshort lists the flags."
-    unreadable = re.fullmatch(r".*Unable to open flagfile: \[Errno \d+\] (.+): '(.+)'", text)
+        return f"unknown flag --{err.flagname}{hint}; --helpfull lists the flags."
+    if isinstance(err, UnicodeDecodeError):
+        return f"a --flagfile is not a text file ({err.reason} at byte {err.start})."
+    unreadable = re.fullmatch(r".*Unable to open flagfile: \[Errno \d+\] (.+): (['\"])(.+)\2", text)
     if unreadable:
-        return f"--flagfile={unreadable[2]}: cannot be read ({unreadable[1]})."
+        reason, path = unreadable[1], unreadable[3]
+        given = any(arg.partition("=")[2] == path for arg in argv if arg.startswith(("--flagfile=", "-flagfile=")))
+        return f"--flagfile={path}{'' if given else ' (named in a flagfile)'}: cannot be read ({reason})."
     not_boolean = re.fullmatch(r"flag (--\S+): \('Non-boolean argument to boolean flag'.*", text)
     if not_boolean:
         return f"{not_boolean[1]}: expected true or false."

@@ -60,7 +60,7 @@ def test_your_own_folders_are_checked_in_their_training_layouts(tmp_path):
     assert "images: 3; without a label: 0" in mapped.stdout
     assert "ids the label map does not list (ignored in training), with the number of labels holding each: 9 (1)" \
         in mapped.stdout
-    # Without the map the same labels hold an id that is no train id (the first label alone is a train id).
+    # Without the map, an id that is no train id is named with its file.
     save(source / "labels" / "town" / "2.png", np.full((16, 32), 200))
     unmapped = check("--dataset=folder_source", f"--root={source}")
     assert unmapped.returncode == 1
@@ -71,14 +71,17 @@ def test_your_own_folders_are_checked_in_their_training_layouts(tmp_path):
     Image.fromarray(rng.integers(0, 255, (20, 40, 3)).astype(np.uint8)).save(camera / "0002.jpg")
     truncated = camera / "0002.jpg"
     truncated.write_bytes(truncated.read_bytes()[:200])
-    save(camera / "val" / "images" / "v.png", rng.integers(0, 255, (20, 40, 3)))
-    save(camera / "val" / "labels" / "v.png", np.full((20, 40), 18))
+    for name, value in (("v1", 18), ("v2", 200)):
+        save(camera / "val" / "images" / f"{name}.png", rng.integers(0, 255, (20, 40, 3)))
+        save(camera / "val" / "labels" / f"{name}.png", np.full((20, 40), value))
     train = check("--dataset=folder_target", f"--root={camera}")
     assert train.returncode == 1
     assert "folder_target at" in train.stdout and "(train)" in train.stdout
     assert "images: 2; without a label: 2" in train.stdout  # the val set is left out, as training leaves it
     assert f"{truncated}: " in train.stdout and "problems: 1" in train.stdout
     val = check("--dataset=folder_target", f"--root={camera}", "--split=val")
-    assert val.returncode == 0 and "images: 1; without a label: 0" in val.stdout, val.stdout + val.stderr
+    assert val.returncode == 1 and "images: 2; without a label: 0" in val.stdout, val.stdout + val.stderr
+    assert f"{camera / 'val' / 'labels' / 'v2.png'}: label values outside the train ids: [200]" in val.stdout
+    assert "problems: 1" in val.stdout
     refused = check("--dataset=gta5", f"--root={camera}", f"--label_map={source / 'map.json'}")
     assert refused.returncode == 2 and "--label_map applies to --dataset=folder_source only" in refused.stderr

@@ -69,10 +69,11 @@ def test_model_dir_with_another_architecture_is_refused(trained_run, tiny_benchm
 
 
 @pytest.mark.parametrize("args,message", [
-    (("--bogus_flag=1",), "error: unknown flag --bogus_flag; --helpshort lists the flags."),
+    (("--bogus_flag=1",), "error: unknown flag --bogus_flag; --helpfull lists the flags."),
     (("--learning_rat=1",), "error: unknown flag --learning_rat (did you mean --learning_rate?); "),
     (("--method=pitt",), "error: --method=pitt: value should be one of <pit|source_only|minent>."),
     (("--evaluate=maybe",), "error: --evaluate=maybe: expected true or false."),
+    (("--noevaluate=1",), "error: --noevaluate=1 does not take an argument."),
     (("--flagfile=flags/nope.cfg",), "error: --flagfile=flags/nope.cfg: cannot be read (No such file or directory)."),
     (("--model_dir=x", "--method=pit"), "--method=pit needs --image_labels"),
     (("--model_dir=x", "--method=source_only", "--image_labels=ground_truth"), "only used by --method=pit"),
@@ -90,6 +91,12 @@ def test_bad_flags_fail_fast_with_one_sentence(args, message):
     assert result.returncode == 2  # bad input; 1 is kept for bugs
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_helpfull_lists_the_flags_and_exits_0():
+    result = run_in_process("train", "--helpfull")
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "--model_dir: Run folder" in result.stdout and "--label_map" in result.stdout
 
 
 def test_missing_dataset_folder_is_named(tmp_path):

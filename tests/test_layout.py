@@ -22,7 +22,8 @@ def flag_reads(source):
     reading a definition's `FlagHolder` are not uses, nor is parsing the command line, `FLAGS(argv)`
     (`errors.run_main` does it for every command, as absl's `app.run` would)."""
     tree = ast.parse(source)
-    parses = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)}
+    parses = {id(node.func) for node in ast.walk(tree) if isinstance(node, ast.Call)
+              and [ast.unparse(arg) for arg in node.args] == ["argv"] and not node.keywords}
     found = []
     for node in ast.walk(tree):
         if id(node) in parses:
@@ -48,6 +49,7 @@ def test_flag_reads_are_found_in_every_form(snippet):
 def test_flag_definitions_and_parsing_are_not_flag_reads():
     assert not flag_reads("from absl import flags\nholder = flags.DEFINE_integer('seed', 0, 'Seed.')\nholder.value")
     assert not flag_reads("from absl import flags\nrest = flags.FLAGS(argv)")
+    assert flag_reads("from absl import flags\nrest = flags.FLAGS(['prog', '--seed=1'])")  # sets flags
     assert flag_reads("from absl import flags\nrest = flags.FLAGS(argv)\nx = flags.FLAGS.seed")
 
 

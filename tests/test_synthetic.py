@@ -180,7 +180,7 @@ def test_interrupted_generation_leaves_nothing_that_looks_complete(tmp_path, mon
     # next generation removes it once its process is gone (this host's); another host's stays.
     ended = subprocess.Popen(["true"])
     ended.wait()
-    killed, elsewhere = (tmp_path / f"{atomic.staging_prefix('bench')}{ended.pid}",
+    killed, elsewhere = (tmp_path / f"{atomic.staging_prefix('bench')}{ended.pid}-0a1b2c3d",
                          tmp_path / f".bench.partial-another-host-{ended.pid}")
     for partial in (killed, elsewhere):
         partial.mkdir()

@@ -43,13 +43,24 @@ def raw_label_ids(dataset, path):
         return np.asarray(label)
 
 
-def list_dataset(dataset, root, split, label_map=None):
+def list_dataset(dataset, root, split):
+    """The (image, label or None) pairs to check; only the layout is checked here (each file is, in `check`)."""
+    flag = f"--root={root}"
     if dataset == "folder_source":
-        return folder.source_pairs(root, label_map)[0]
+        return folder.labelled_pairs(os.path.join(root, "images"), os.path.join(root, "labels"), flag)
     if dataset == "folder_target":
-        if split == "train":
-            return folder.target_images(root)
-        return folder.split_pairs(root, split)[0]
+        if not os.path.isdir(root):
+            raise UserError(f"{flag}: no such folder.")
+        if split == "train":  # what training reads: every image but the labelled splits
+            images = folder.list_images(root, exclude=folder.LABELLED_SPLITS)
+            if not images:
+                raise UserError(f"{flag} holds no {'/'.join(folder.IMAGE_EXTENSIONS)} images outside "
+                                f"{' and '.join(folder.LABELLED_SPLITS)}.")
+            return [(image, None) for image in images]
+        split_dir = os.path.join(root, split)
+        if os.path.isdir(os.path.join(split_dir, "leftImg8bit")):
+            return cityscapes.list_images(split_dir, split, require_labels=True)
+        return folder.labelled_pairs(os.path.join(split_dir, "images"), os.path.join(split_dir, "labels"), flag)
     if dataset == "gta5":
         return gta5.list_pairs(root)
     if dataset == "synthia":
@@ -61,7 +72,8 @@ def list_dataset(dataset, root, split, label_map=None):
 def valid_ids(dataset, root, split, label_map):
     """The label values that are not a problem, and a name for them."""
     if label_map:
-        with open(label_map) as f:  # read_label_map, in list_dataset, has checked it
+        folder.read_label_map(label_map)  # one sentence if it is no label map
+        with open(label_map) as f:
             return {int(raw) for raw in json.load(f)}, f"--label_map={label_map}"
     if dataset == "folder_target" and os.path.isdir(os.path.join(root, split, "leftImg8bit")):
         return VALID_IDS["cityscapes"], "cityscapes table"  # its val set as a Cityscapes root: label ids
@@ -74,8 +86,8 @@ def check(dataset, root, split="train", limit=None, label_map=None):
     """Returns (summary lines, problems) for a dataset folder; problems are `(path, reason)`. With a
     `label_map` (a folder source's), ids it does not list are ignored by training, so they are counted in the
     summary rather than reported as problems."""
-    pairs = list_dataset(dataset, root, split, label_map)[:limit]
     valid, table = valid_ids(dataset, root, split, label_map)
+    pairs = list_dataset(dataset, root, split)[:limit]
     unlisted = collections.Counter()
     good, problems = integrity.check_pairs(pairs)
     sizes = collections.Counter()
