@@ -40,7 +40,7 @@ Size = tuple[int, int]
 
 @dataclasses.dataclass(frozen=True, kw_only=True)
 class RunConfig:
-    """Every setting of a training run. See `python -m pit_keras.train --helpfull` for what each one does."""
+    """Every setting of a training run. See `python -m pit_keras.train --help` for what each one does."""
 
     # --- Data ---
     source: str = "gta5"

@@ -121,7 +121,7 @@ def flag_error_sentence(err, argv=()):
     if isinstance(err, flags.UnrecognizedFlagError):
         guesses = [g.strip() for g in text.partition("Did you mean:")[2].rstrip(" ?").split(",") if g.strip()]
         hint = f" (did you mean {' or '.join('--' + g for g in guesses)}?)" if guesses else ""
-        return f"unknown flag --{err.flagname}{hint}; --helpfull lists the flags."
+        return f"unknown flag --{err.flagname}{hint}; --help lists the flags."
     if isinstance(err, UnicodeDecodeError):
         return f"a --flagfile is not a text file ({err.reason} at byte {err.start})."
     unreadable = re.fullmatch(r".*Unable to open flagfile: \[Errno \d+\] (.+): (['\"])(.+)\2", text)

@@ -32,6 +32,7 @@ from pit_keras import flags as pit_flags
 from pit_keras.errors import UserError, run_main
 
 pit_flags.define_eval_flags()
+flags.adopt_module_key_flags(pit_flags)  # --help lists this command's flags
 FLAGS = flags.FLAGS
 
 

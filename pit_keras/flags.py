@@ -60,6 +60,7 @@ def define_model_flags():
 
 
 def define_train_flags():
+    define_console_flags()  # first, so that the command's --help lists it too
     define_data_flags()
     define_model_flags()
     flags.DEFINE_string("model_dir", None, "Run folder: checkpoints, TensorBoard events, results.")
@@ -165,6 +166,7 @@ def define_train_flags():
 
 
 def define_eval_flags():
+    define_console_flags()  # first, so that the command's --help lists it too
     define_target_flags()  # evaluate scores on a target; it reads no source
     flags.DEFINE_string("model_dir", None, "A training run folder (its newest checkpoint is evaluated); its own "
                         "--target and --target_root are the defaults.")
@@ -196,6 +198,7 @@ def define_eval_flags():
 
 
 def define_image_labels_flags():
+    define_console_flags()  # first, so that the command's --help lists it too
     define_data_flags()
     flags.DEFINE_string("features", "InceptionResNetV2",
                         "Frozen image features: a keras.applications model name (global-average pooled), "
@@ -261,6 +264,7 @@ def dataset_root(name, value, dataset, benchmark_seed=None):
 
 
 def define_export_flags():
+    define_console_flags()  # first, so that the command's --help lists it too
     flags.DEFINE_string("model_dir", None, "A training run folder (its newest checkpoint is exported).")
     flags.DEFINE_string("output_dir", None, "The export folder to create (SavedModel, .tflite models, metadata).")
     flags.DEFINE_boolean("overwrite", False, "Replace an earlier export in --output_dir, once the new one is "
@@ -274,6 +278,7 @@ def define_export_flags():
 
 
 def define_predict_flags():
+    define_console_flags()  # first, so that the command's --help lists it too
     flags.DEFINE_string("model", None, "A training run folder, a SavedModel (or an export folder) or a .tflite "
                         "file.")
     flags.DEFINE_string("input", None, "An image, a folder of images (its sub-folders included) or a video file.")

@@ -25,6 +25,7 @@ from pit_keras.deploy import video
 from pit_keras.errors import UserError, run_main
 
 pit_flags.define_predict_flags()
+flags.adopt_module_key_flags(pit_flags)  # --help lists this command's flags
 FLAGS = flags.FLAGS
 
 

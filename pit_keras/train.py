@@ -2,7 +2,7 @@
 
     python -m pit_keras.train --flagfile=flags/demo.cfg
 
-Resumes from the newest checkpoint in --model_dir. See `python -m pit_keras.train --helpfull`.
+Resumes from the newest checkpoint in --model_dir. `--help` lists its flags.
 """
 
 import dataclasses
@@ -15,6 +15,7 @@ from pit_keras.config import RunConfig
 from pit_keras.errors import UserError, run_main
 
 pit_flags.define_train_flags()
+flags.adopt_module_key_flags(pit_flags)  # --help lists this command's flags
 FLAGS = flags.FLAGS
 
 

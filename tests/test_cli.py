@@ -4,6 +4,7 @@ its own; resuming, the baselines' short runs and the one-sentence errors in the 
 
 import json
 import os
+import re
 import shutil
 
 import pytest
@@ -69,7 +70,7 @@ def test_model_dir_with_another_architecture_is_refused(trained_run, tiny_benchm
 
 
 @pytest.mark.parametrize("args,message", [
-    (("--bogus_flag=1",), "error: unknown flag --bogus_flag; --helpfull lists the flags."),
+    (("--bogus_flag=1",), "error: unknown flag --bogus_flag; --help lists the flags."),
     (("--learning_rat=1",), "error: unknown flag --learning_rat (did you mean --learning_rate?); "),
     (("--method=pitt",), "error: --method=pitt: value should be one of <pit|source_only|minent>."),
     (("--evaluate=maybe",), "error: --evaluate=maybe: expected true or false."),
@@ -93,10 +94,15 @@ def test_bad_flags_fail_fast_with_one_sentence(args, message):
     assert "Traceback" not in result.stderr
 
 
-def test_helpfull_lists_the_flags_and_exits_0():
-    result = run_in_process("train", "--helpfull")
+@pytest.mark.parametrize("command,flag", [("train", "label_map"), ("evaluate", "predictions_dir"),
+                                          ("export", "formats"), ("predict", "overlay_alpha"),
+                                          ("image_labels", "label_map")])
+def test_help_lists_the_commands_own_flags_and_exits_0(command, flag):
+    result = run(command, "--help")  # its own process (absl lists the main module's flags; no TensorFlow import)
     assert result.returncode == 0, result.stderr[-2000:]
-    assert "--model_dir: Run folder" in result.stdout and "--label_map" in result.stdout
+    listed = set(re.findall(r"^  --(?:\[no\])?(\w+):", result.stdout, re.M))
+    assert {flag, "tf_logs"} <= listed and "logtostderr" not in listed  # absl's own stay in --helpfull
+    assert ("label_map" in listed) == (command in ("train", "image_labels"))
 
 
 def test_missing_dataset_folder_is_named(tmp_path):
