@@ -9,12 +9,11 @@ Cityscapes layout; an image sequence: frames in name order) or a video file (.mp
 ...; read with OpenCV). For each image NAME it writes NAME_labelTrainIds.png (8-bit train ids, 255 for none)
 and NAME_overlay.png (the Cityscapes palette over the image), both at the image's size, in the same sub-folder
 of --output_dir as the image's in --input; for a video NAME it writes NAME_overlay.mp4. It prints the frames
-per second. An image that cannot be read is named on a line of its own and the others are segmented; the
+per second after the first frame, whose start-up (imports, warm-up) is timed apart. An image that cannot be read is named on a line of its own and the others are segmented; the
 command then ends with one sentence counting them and exit code 2.
 """
 
 import os
-import time
 
 from absl import flags
 
@@ -43,27 +42,23 @@ def main(argv):
         # Checked before the model loads, so an unreadable video fails in a second.
         video.open_video(FLAGS.input)[0].release()
         predictor = predictors.load_predictor(FLAGS.model)
-        output, frames, model_seconds, seconds = video.predict_video(predictor, FLAGS.input, FLAGS.output_dir,
-                                                                    alpha=FLAGS.overlay_alpha)
+        output, frames, seconds = video.predict_video(predictor, FLAGS.input, FLAGS.output_dir,
+                                                      alpha=FLAGS.overlay_alpha)
         if not frames:
             raise UserError(f"--input={FLAGS.input}: the video holds no frame OpenCV can decode.")
-        print(f"segmented {frames} frame(s) of {FLAGS.input} with the {predictor.kind} model {FLAGS.model} at "
-              f"{frames / seconds:.1f} frames per second ({frames / model_seconds:.1f} in the model alone); "
-              f"wrote {output}")
+        print(f"segmented {frames} frame(s) of {FLAGS.input} with the {predictor.kind} model {FLAGS.model} "
+              f"{predictors.speed(seconds['all'], 'frame', seconds['model'])}; wrote {output}")
         return
     images = image_files.list_images(FLAGS.input, exclude=FLAGS.output_dir)
     if os.path.isfile(FLAGS.input):
         image_files.read_image(FLAGS.input)  # one image: refused before the model loads, in its own words
     names = image_files.output_names(images, FLAGS.input)
     predictor = predictors.load_predictor(FLAGS.model)
-    start = time.perf_counter()
-    _, failed = predictors.predict_files(predictor, images, FLAGS.output_dir, alpha=FLAGS.overlay_alpha,
-                                        names=names)
-    seconds = time.perf_counter() - start
-    done = len(images) - len(failed)
-    if done:
-        print(f"segmented {done} image(s) with the {predictor.kind} model {FLAGS.model} at "
-              f"{done / seconds:.1f} frames per second; wrote label and overlay PNGs to {FLAGS.output_dir}")
+    _, failed, seconds = predictors.predict_files(predictor, images, FLAGS.output_dir, alpha=FLAGS.overlay_alpha,
+                                                  names=names)
+    if seconds:
+        print(f"segmented {len(seconds)} image(s) with the {predictor.kind} model {FLAGS.model} "
+              f"{predictors.speed(seconds, 'image')}; wrote label and overlay PNGs to {FLAGS.output_dir}")
     if failed:
         reason = failed[0][1]
         raise UserError(f"{len(failed)} of {len(images)} image(s) could not be read and have no outputs (each is "

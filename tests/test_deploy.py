@@ -5,6 +5,9 @@ inside; the GPU-delegate variant has no ArgMax and no int64 tensor; predict segm
 One tiny run, trained at the frame's size (256x128) so that predict on the run folder and the exported models
 see the same input, is shared by the module. train and predict run in the test's process (tests/commands.py)."""
 
+import re
+import time
+
 import numpy as np
 import pytest
 from PIL import Image
@@ -210,11 +213,37 @@ def test_predict_segments_a_video_and_prints_frames_per_second(exported, frame, 
                             f"--output_dir={tmp_path / 'out'}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert "segmented 6 frame(s)" in result.stdout and "frames per second" in result.stdout
+    assert re.search(r"in the model alone\) after the first frame, which took [0-9.]+ s with start-up", result.stdout)
     capture = cv2.VideoCapture(str(tmp_path / "out" / "drive_overlay.mp4"))
     assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 6
     ok, first = capture.read()
     capture.release()
     assert ok and first.shape == (64, 128, 3)
+
+
+def test_frames_per_second_leave_out_the_first_frames_start_up(tmp_path):
+    from pit_keras.data import classes
+    from pit_keras.deploy import predictors
+
+    class SlowToStart:  # a predictor whose first call pays a start-up (an import, a warm-up)
+        class_set, calls = classes.CITYSCAPES19, 0
+
+        def __call__(self, image):
+            self.calls += 1
+            time.sleep(0.5 if self.calls == 1 else 0.0)
+            return np.zeros(image.shape[:2], np.int32)
+
+    images = []
+    for k in range(3):
+        images.append(str(tmp_path / f"{k}.png"))
+        Image.fromarray(np.zeros((8, 16, 3), np.uint8)).save(images[-1])
+    _, failed, seconds = predictors.predict_files(SlowToStart(), images, str(tmp_path / "out"), progress=False)
+    assert not failed and len(seconds) == 3 and seconds[0] >= 0.5 > max(seconds[1:])
+    assert predictors.speed([2.0, 0.1, 0.1], "image") == \
+        "at 10.0 frames per second after the first image, which took 2.00 s with start-up"
+    assert predictors.speed([2.0, 0.2, 0.2], "frame", [1.5, 0.1, 0.1]) == \
+        "at 5.0 frames per second (10.0 in the model alone) after the first frame, which took 2.00 s with start-up"
+    assert predictors.speed([0.3], "image") == "in 0.30 s (one image, start-up included)"
 
 
 def test_predict_refuses_an_unreadable_video_with_one_sentence(exported, tmp_path):

@@ -215,17 +215,21 @@ def predict_files(predictor, images, output_dir, alpha=0.5, progress=True, names
             name without its extension.
 
     Returns:
-        `(written, failed)`: the paths written, two per image, and `(image, reason)` for each image that could
-        not be read (named on a line of its own as it is met).
+        `(written, failed, seconds)`: the paths written, two per image; `(image, reason)` for each image that
+        could not be read (named on a line of its own as it is met); the seconds each segmented image took to
+        read, segment and write (the first includes what the predictor does once: imports, warm-up).
     """
+    import time
+
     from pit_keras import atomic, visualize
 
     os.makedirs(output_dir, exist_ok=True)
     line = None
     if progress and len(images) > 1:
         line = console.ProgressLine(len(images), "image", every=max(10, -(-len(images) // 10)))
-    written, failed = [], []
+    written, failed, seconds = [], [], []
     for index, path in enumerate(images, start=1):
+        start = time.perf_counter()
         try:
             image = read_image(path)
         except UserError as err:
@@ -241,8 +245,21 @@ def predict_files(predictor, images, output_dir, alpha=0.5, progress=True, names
             colours = visualize.overlay(image, visualize.colorize(labels, predictor.class_set), alpha)
             atomic.atomic_write(overlay_path, lambda tmp: Image.fromarray(colours).save(tmp, format="PNG"))
             written += [label_path, overlay_path]
+            seconds.append(time.perf_counter() - start)
         if line is not None:
             line.update(index)
     if line is not None:
         line.close()
-    return written, failed
+    return written, failed, seconds
+
+
+def speed(seconds, unit, model_seconds=None):
+    """How fast the frames went, from each one's seconds: frames per second over all but the first, whose time
+    (the predictor's imports and warm-up, paid once) is given on its own; `model_seconds`, those in the model
+    alone, likewise."""
+    if len(seconds) == 1:
+        return f"in {seconds[0]:.2f} s (one {unit}, start-up included)"
+    rate = f"at {(len(seconds) - 1) / max(sum(seconds[1:]), 1e-9):.1f} frames per second"
+    if model_seconds:
+        rate += f" ({(len(model_seconds) - 1) / max(sum(model_seconds[1:]), 1e-9):.1f} in the model alone)"
+    return f"{rate} after the first {unit}, which took {seconds[0]:.2f} s with start-up"
