@@ -9,8 +9,9 @@ Cityscapes layout; an image sequence: frames in name order) or a video file (.mp
 ...; read with OpenCV). For each image NAME it writes NAME_labelTrainIds.png (8-bit train ids, 255 for none)
 and NAME_overlay.png (the Cityscapes palette over the image), both at the image's size, in the same sub-folder
 of --output_dir as the image's in --input; for a video NAME it writes NAME_overlay.mp4. It prints the frames
-per second after the first frame, whose start-up (imports, warm-up) is timed apart. An image that cannot be read is named on a line of its own and the others are segmented; the
-command then ends with one sentence counting them and exit code 2.
+per second after the first frame, whose start-up (imports, warm-up) is timed apart. An image that cannot be read
+is named on a line of its own and the others are segmented; the command then ends with one sentence counting them
+and exit code 2.
 """
 
 import os
@@ -42,8 +43,8 @@ def main(argv):
         # Checked before the model loads, so an unreadable video fails in a second.
         video.open_video(FLAGS.input)[0].release()
         predictor = predictors.load_predictor(FLAGS.model)
-        output, frames, seconds = video.predict_video(predictor, FLAGS.input, FLAGS.output_dir,
-                                                      alpha=FLAGS.overlay_alpha)
+        output, seconds = video.predict_video(predictor, FLAGS.input, FLAGS.output_dir, alpha=FLAGS.overlay_alpha)
+        frames = len(seconds["all"])
         if not frames:
             raise UserError(f"--input={FLAGS.input}: the video holds no frame OpenCV can decode.")
         print(f"segmented {frames} frame(s) of {FLAGS.input} with the {predictor.kind} model {FLAGS.model} "

@@ -53,7 +53,7 @@ def predict_video(predictor, path, output_dir, alpha=0.5):
         alpha: opacity of the colours in the overlay.
 
     Returns:
-        `(output path, frames, seconds)`, `seconds` the time of each frame: `{"model": [...], "all": [...]}`, in
+        `(output path, seconds)`, `seconds` the time of each frame written: `{"model": [...], "all": [...]}`, in
         the predictor and in all (decoding, segmenting, drawing, encoding); the first frame's include what the
         predictor does once (imports, warm-up).
     """
@@ -64,7 +64,7 @@ def predict_video(predictor, path, output_dir, alpha=0.5):
     os.makedirs(output_dir, exist_ok=True)
     output = os.path.join(output_dir, f"{os.path.splitext(os.path.basename(path))[0]}_overlay.mp4")
     writer = None
-    frames, seconds = 0, {"model": [], "all": []}
+    seconds = {"model": [], "all": []}
     try:
         while True:
             start = time.perf_counter()
@@ -82,10 +82,9 @@ def predict_video(predictor, path, output_dir, alpha=0.5):
                 if not writer.isOpened():
                     raise UserError(f"--output_dir={output_dir}: OpenCV cannot write {output}.")
             writer.write(np.ascontiguousarray(overlay[..., ::-1]))
-            frames += 1
             seconds["all"].append(time.perf_counter() - start)
     finally:
         capture.release()
         if writer is not None:
             writer.release()
-    return output, frames, seconds
+    return output, seconds

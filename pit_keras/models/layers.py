@@ -76,7 +76,7 @@ class BatchNormalization(keras.layers.BatchNormalization):
     the replicas. With one replica (no strategy, or a strategy of one device) those all-reduces are identities,
     yet each adds a merge call and a custom gradient to the traced step. Here the same sums and divisions run
     without them: the same statistics to the bit, fewer ops to trace (the tiny PIT step: 3870 -> 3678 ops, its
-    trace 2.5 -> 2.3 s of CPU, medians of 7 alternated traces). Across replicas, and for float16/bfloat16
+    trace 3.1 -> 2.3 s of CPU, medians of 7 alternated traces). Across replicas, and for float16/bfloat16
     statistics or masks, it is Keras' layer. The class keeps Keras' name: `.weights.h5` files address layers by
     their class's name, so weights files load into either.
     """
