@@ -8,7 +8,7 @@
 the run's --target_size (or the flag, if given) and predictions upsampled to label resolution. The run's own
 --target and --target_root are the defaults.
 --target=folder: the labelled set ROOT/SPLIT (ROOT/val/images with ROOT/val/labels, or a Cityscapes root in
-ROOT/val; README: dataset layouts).
+ROOT/val; README: Datasets).
 --predictions_dir: 8-bit PNGs of train ids (--prediction_classes) at label resolution, laid out as
 PRED/CITY/NAME_leftImg8bit.png, or any one PRED/**/CITY_SSSSSS_FFFFFF*.png per image as cityscapesScripts
 accepts.

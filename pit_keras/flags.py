@@ -33,7 +33,7 @@ def define_data_flags():
 def define_source_flags():
     flags.DEFINE_enum("source", "gta5", config.SOURCES,
                       "Source dataset (labelled); folder: your own, ROOT/images with ROOT/labels (README: "
-                      "dataset layouts).")
+                      "Datasets).")
     flags.DEFINE_string("source_root", None, "Source dataset root (for synthetic: the benchmark folder, made on "
                         f"first use; default {DEFAULT_BENCHMARK_ROOT}).")
     flags.DEFINE_string("label_map", None, "For --source=folder: a JSON object from the raw ids of the label PNGs "
@@ -44,7 +44,7 @@ def define_source_flags():
 def define_target_flags():
     flags.DEFINE_enum("target", "cityscapes", config.TARGETS,
                       "Target dataset (unlabelled); folder: every JPEG/PNG under --target_root (sub-folders "
-                      "included), an optional labelled val set in ROOT/val (README: dataset layouts).")
+                      "included), an optional labelled val set in ROOT/val (README: Datasets).")
     flags.DEFINE_string("target_root", None, "Target dataset root (for synthetic: the benchmark folder).")
     flags.DEFINE_string("target_size", "1024,512", "Target images are resized to W,H.")
     flags.DEFINE_integer("benchmark_seed", None, "For synthetic data: the generator seed of the embedded "
@@ -209,7 +209,8 @@ def define_image_labels_flags():
     flags.DEFINE_string("features_weights", "imagenet",
                         "Weights of a keras.applications --features model: imagenet | none | a local weights "
                         "file of the model without its top.")
-    flags.DEFINE_string("model_dir", None, "A training run folder, for --features=backbone or predictions.")
+    flags.DEFINE_string("model_dir", None, "A training run folder, for --features=backbone, predictions or "
+                        "soft_predictions; its --source, --target, their roots and --label_map are the defaults.")
     flags.DEFINE_string("output", None, "The target image-labels JSON to write (train's --image_labels).")
     flags.DEFINE_string("image_size", "512,256", "Images are resized to W,H for the features.")
     flags.DEFINE_integer("epochs", 100, "Training epochs of the softmax regressor (SGD lr 1e-4, momentum 0.9, "

@@ -10,6 +10,9 @@ mean, uniform): an estimate no closer than the source-mean prior carries no info
 
 With `--features=backbone` (a trained run's backbone), `--feature_alignment=adabn`, `--feature_pooling=pyramid`
 and `--feature_stages=all` choose other features of it (`pit_keras.adaptation.regressor`, docs/method.md).
+With a run (`--model_dir`), the run's own --source, --target, their roots and --label_map are the defaults:
+
+    python -m pit_keras.image_labels --features=soft_predictions --model_dir=runs/demo --output=shares.json
 """
 
 import os
@@ -17,6 +20,7 @@ import os
 from absl import flags
 
 from pit_keras import flags as pit_flags
+from pit_keras import runs
 from pit_keras.errors import UserError, run_main
 
 pit_flags.define_image_labels_flags()
@@ -43,29 +47,47 @@ def parse_config():
             if not applies:
                 raise UserError(f"--{flag}={value} needs --features=backbone (a trained run's backbone), not "
                                 f"--features={FLAGS.features}.")
+    run = None
     if FLAGS.features in ("backbone", "predictions", "soft_predictions"):
         if not FLAGS.model_dir:
             raise UserError(f"--features={FLAGS.features} needs --model_dir (a training run folder).")
         if FLAGS["features_weights"].present:
             raise UserError(f"--features_weights does not apply to --features={FLAGS.features} (the run's "
                             "checkpoint is used).")
-    if FLAGS.label_map and FLAGS.source != "folder":
-        raise UserError(f"--label_map applies to --source=folder only, not --source={FLAGS.source}.")
+        run = runs.read_config(FLAGS.model_dir)
+    (source, source_root), (target, target_root) = _dataset("source", run), _dataset("target", run)
+    label_map = FLAGS.label_map
+    if run is not None and source == run.source and not FLAGS["label_map"].present:
+        label_map = run.label_map
+    if label_map and source != "folder":
+        raise UserError(f"--label_map applies to --source=folder only, not --source={source}.")
     weights = FLAGS.features_weights
     weights = None if weights == "none" else weights if weights == "imagenet" else os.path.expanduser(weights)
     return {
-        "source": FLAGS.source,
-        "source_root": pit_flags.dataset_root("source_root", FLAGS.source_root, FLAGS.source, FLAGS.benchmark_seed),
-        "label_map": FLAGS.label_map and os.path.abspath(os.path.expanduser(FLAGS.label_map)),
-        "target": FLAGS.target,
-        "target_root": pit_flags.dataset_root("target_root", FLAGS.target_root, FLAGS.target, FLAGS.benchmark_seed),
-        "num_classes": 16 if FLAGS.source == "synthia" else 19,
+        "source": source, "source_root": source_root,
+        "label_map": label_map and os.path.abspath(os.path.expanduser(label_map)),
+        "target": target, "target_root": target_root,
+        "num_classes": 16 if source == "synthia" else 19,
         "features": FLAGS.features, "features_weights": weights,
         "image_size": pit_flags.parse_size("image_size", FLAGS.image_size), "epochs": FLAGS.epochs,
         "model_dir": FLAGS.model_dir, "cache_dir": os.path.expanduser(FLAGS.cache_dir), "seed": FLAGS.seed,
         "feature_alignment": FLAGS.feature_alignment, "feature_pooling": FLAGS.feature_pooling,
         "feature_stages": FLAGS.feature_stages,
     }
+
+
+def _dataset(domain, run):
+    """(dataset, root) of `domain` ("source" or "target"): the flags, or with a run's config (`--model_dir`) the
+    run's own dataset and root where the flags do not name them, as `evaluate` does (a --source or --target other
+    than the run's needs its root)."""
+    dataset, root = FLAGS[domain], FLAGS[f"{domain}_root"]
+    seed = FLAGS.benchmark_seed
+    if run is not None and (not dataset.present or dataset.value == getattr(run, domain)):
+        if not FLAGS["benchmark_seed"].present:
+            seed = run.benchmark_seed
+        value = root.value if root.present else getattr(run, f"{domain}_root")
+        return getattr(run, domain), pit_flags.dataset_root(root.name, value, getattr(run, domain), seed)
+    return dataset.value, pit_flags.dataset_root(root.name, root.value, dataset.value, seed)
 
 
 def main(argv):

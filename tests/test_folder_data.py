@@ -128,10 +128,10 @@ def test_image_labels_read_a_folder_source_through_its_label_map(trained, data, 
     args = ("--source=folder", f"--source_root={source}", "--target=folder", f"--target_root={camera}",
             "--features=backbone", f"--model_dir={model_dir}", "--image_size=64,32", "--epochs=0",
             f"--cache_dir={tmp_path / 'cache'}", f"--output={output}")
-    unmapped = run("image_labels", *args)
+    unmapped = run("image_labels", *args, "--label_map=")  # an empty map: not the run's
     assert unmapped.returncode == 2 and "holds the value 200, not a train id" in unmapped.stderr
     assert not output.exists()
-    result = run("image_labels", *args, f"--label_map={source / 'map.json'}")
+    result = run("image_labels", *args)  # the run's --label_map, the default with its --model_dir
     assert result.returncode == 0, result.stderr[-2000:]
     # An untrained regressor gives every image the source prior: the mean shares of the mapped source labels
     # (rows 0-9 raw 3 -> 10, rows 10-20 raw 2 -> 2, rows 21-31 raw 1 -> 0; the strip of unmapped ids ignored).

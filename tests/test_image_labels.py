@@ -185,11 +185,11 @@ def test_cli_with_predicted_shares_of_a_trained_run(tiny_benchmark, tmp_path):
     run_dir = tmp_path / "run"
     network = build_network("tiny", 19, num_units=0)
     tf.train.Checkpoint(network=network).save(str(run_dir / "checkpoints" / "ckpt"))
-    write_run_config(run_dir, method="minent", image_labels=None, lse_r=(1,), target_size=(64, 32))
+    write_run_config(run_dir, bench=tiny_benchmark, method="minent", image_labels=None, lse_r=(1,),
+                     target_size=(64, 32))
     output = tmp_path / "labels.json"
-    result = run_in_process("image_labels", "--source=gta5", f"--source_root={tiny_benchmark / 'gta5'}",
-                            "--target=cityscapes", f"--target_root={tiny_benchmark / 'cityscapes'}",
-                            "--features=predictions", f"--model_dir={run_dir}", f"--output={output}")
+    # The run's own datasets are the defaults (gta5's, without it, would need --source_root).
+    result = run_in_process("image_labels", "--features=predictions", f"--model_dir={run_dir}", f"--output={output}")
     assert result.returncode == 0, result.stderr[-2000:]
     assert f"predicted by {run_dir}" in result.stdout and "  predictions " in result.stdout
     assert len(json.loads(output.read_text())) == 6
@@ -199,6 +199,10 @@ def test_cli_with_predicted_shares_of_a_trained_run(tiny_benchmark, tmp_path):
                          "--feature_alignment=standardize")
     assert bad.returncode == 2 and "--feature_alignment=standardize does not apply" in bad.stderr
     assert "Traceback" not in bad.stderr
+    other = run_in_process("image_labels", "--features=predictions", f"--model_dir={run_dir}",
+                           f"--output={tmp_path / 'other.json'}", "--source=synthia")
+    assert other.returncode == 2 and other.stderr.strip().splitlines()[-1] == (
+        "error: --source_root is required for --source=synthia.")  # another source than the run's needs its root
 
 
 # === Feature variants against the domain shift: whitening, AdaBN, pyramid and all-stage pooling ===

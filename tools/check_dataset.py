@@ -7,7 +7,7 @@ values outside the dataset's table; prints a summary and exits 1 if anything is 
     python tools/check_dataset.py --dataset=folder_target --root=/data/camera --split=val
 
 `folder_source` and `folder_target` are your own data in the layouts of `--source=folder` and `--target=folder`
-(README: dataset layouts): `--split=train` of a target folder is its unlabelled images, `val` and `test` its
+(README: Datasets): `--split=train` of a target folder is its unlabelled images, `val` and `test` its
 labelled sets.
 
 Unlike the start-up checks of training (file headers only), every file is decoded here, so a PNG damaged past
