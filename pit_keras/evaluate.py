@@ -49,15 +49,10 @@ def label_space(prediction_classes):
 
 def target_and_root(config=None):
     """(target, root, benchmark seed) of the labelled set: the flags, or with a run's `config` the run's own
-    target and root where the flags do not name them (a given --target other than the run's needs its root)."""
-    seed = FLAGS.benchmark_seed
-    if config is not None:
-        same = not FLAGS["target"].present or FLAGS.target == config.target
-        if same:
-            root = (pit_flags.dataset_root("target_root", FLAGS.target_root, FLAGS.target, seed)
-                    if FLAGS["target_root"].present else config.target_root)
-            return config.target, root, seed if FLAGS["benchmark_seed"].present else config.benchmark_seed
-    return FLAGS.target, pit_flags.dataset_root("target_root", FLAGS.target_root, FLAGS.target, seed), seed
+    target, root and benchmark seed where the flags do not name them (`flags.dataset_and_root`)."""
+    given = {name for name in ("target", "target_root", "benchmark_seed") if FLAGS[name].present}
+    return pit_flags.dataset_and_root("target", FLAGS.target, FLAGS.target_root, FLAGS.benchmark_seed, given,
+                                      config)
 
 
 def labelled_pairs(target, root, seed):

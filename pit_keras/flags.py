@@ -264,6 +264,18 @@ def dataset_root(name, value, dataset, benchmark_seed=None):
     return os.path.expanduser(value)
 
 
+def dataset_and_root(domain, dataset, root, benchmark_seed, given, run=None):
+    """(dataset, root, benchmark seed) of `domain` ("source" or "target") from its flags' values: `dataset`
+    (--source/--target), `root` (--source_root/--target_root) and `benchmark_seed`, where `given` names the flags
+    given on the command line. With a run's config `run` (a command's --model_dir), the run's own dataset, root and
+    benchmark seed stand where the flags do not name them; a dataset other than the run's needs its root."""
+    root_name = f"{domain}_root"
+    if run is not None and (domain not in given or dataset == getattr(run, domain)):
+        dataset = getattr(run, domain)
+        root = root if root_name in given else getattr(run, root_name)
+        benchmark_seed = benchmark_seed if "benchmark_seed" in given else run.benchmark_seed
+    return dataset, dataset_root(root_name, root, dataset, benchmark_seed), benchmark_seed
+
 def define_export_flags():
     define_console_flags()  # first, so that the command's --help lists it too
     flags.DEFINE_string("model_dir", None, "A training run folder (its newest checkpoint is exported).")

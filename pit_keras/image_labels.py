@@ -78,16 +78,11 @@ def parse_config():
 
 def _dataset(domain, run):
     """(dataset, root) of `domain` ("source" or "target"): the flags, or with a run's config (`--model_dir`) the
-    run's own dataset and root where the flags do not name them, as `evaluate` does (a --source or --target other
-    than the run's needs its root)."""
-    dataset, root = FLAGS[domain], FLAGS[f"{domain}_root"]
-    seed = FLAGS.benchmark_seed
-    if run is not None and (not dataset.present or dataset.value == getattr(run, domain)):
-        if not FLAGS["benchmark_seed"].present:
-            seed = run.benchmark_seed
-        value = root.value if root.present else getattr(run, f"{domain}_root")
-        return getattr(run, domain), pit_flags.dataset_root(root.name, value, getattr(run, domain), seed)
-    return dataset.value, pit_flags.dataset_root(root.name, root.value, dataset.value, seed)
+    run's own dataset and root where the flags do not name them (`flags.dataset_and_root`, as `evaluate` does)."""
+    given = {name for name in (domain, f"{domain}_root", "benchmark_seed") if FLAGS[name].present}
+    dataset, root, _ = pit_flags.dataset_and_root(domain, FLAGS[domain].value, FLAGS[f"{domain}_root"].value,
+                                                  FLAGS.benchmark_seed, given, run)
+    return dataset, root
 
 
 def main(argv):

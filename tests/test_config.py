@@ -135,3 +135,25 @@ def test_self_training_defaults_are_the_configs():
     config = RunConfig(source="synthetic", source_root="x", target="synthetic", target_root="x",
                        self_training=True, image_labels="teacher")
     assert runner.self_training_settings(config) == SelfTraining(seed=config.seed)
+
+
+def test_a_commands_dataset_defaults_to_its_runs_unless_the_flags_name_another():
+    from pit_keras import flags as pit_flags
+
+    run = run_config(benchmark_seed=3)
+    pick = pit_flags.dataset_and_root
+    # No run: the flags' own values (a synthetic dataset without a root: the benchmark of the given seed).
+    assert pick("target", "synthetic", None, 0, set()) == (
+        "synthetic", os.path.expanduser(pit_flags.DEFAULT_BENCHMARK_ROOT), 0)
+    with pytest.raises(UserError, match="--target_root is required for --target=cityscapes"):
+        pick("target", "cityscapes", None, 0, set())
+    # A run: its dataset, root and benchmark seed where the flags are not given, or name the run's dataset.
+    assert pick("target", "synthetic", None, 0, set(), run) == ("cityscapes", run.target_root, 3)
+    assert pick("source", "gta5", None, 0, {"source"}, run) == ("gta5", run.source_root, 3)
+    assert pick("target", "cityscapes", "~/x", 5, {"target_root", "benchmark_seed"}, run) == (
+        "cityscapes", os.path.expanduser("~/x"), 5)
+    # Another dataset than the run's needs its own root, and takes the flags' seed.
+    with pytest.raises(UserError, match="--source_root is required for --source=synthia"):
+        pick("source", "synthia", None, 0, {"source"}, run)
+    assert pick("target", "synthetic", None, 2, {"target", "benchmark_seed"}, run) == (
+        "synthetic", os.path.expanduser(pit_flags.DEFAULT_BENCHMARK_ROOT + "_seed2"), 2)
