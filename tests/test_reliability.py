@@ -93,8 +93,11 @@ def test_a_truncated_checkpoint_falls_back_to_the_previous_one(trained_run, tiny
     last, previous = sorted(int(p.name[5:-6]) for p in (model_dir / "checkpoints").glob("ckpt-*.index"))[-1:-3:-1]
     data = next((model_dir / "checkpoints").glob(f"ckpt-{last}.data-*"))
     data.write_bytes(data.read_bytes()[:100])
+    # Resumed as if it had started from a pretrained weights file that is gone since: a resume reads every
+    # weight from its checkpoint, never that file.
+    gone = tmp_path / "moved_away.weights.h5"
     resumed = run_in_process("train", *train_args(tiny_benchmark, model_dir, f"--num_steps={last + 2}",
-                                                  "--checkpoint_every=2"))
+                                                  "--checkpoint_every=2", f"--backbone_weights={gone}"))
     assert resumed.returncode == 0, resumed.stderr[-2000:]
     assert f"ckpt-{last} is unreadable" in resumed.stdout
     assert "resumed from" in resumed.stdout and f"ckpt-{previous} at step {previous}" in resumed.stdout

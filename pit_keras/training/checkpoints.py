@@ -69,6 +69,12 @@ def _newest_first(model_dir):
     return list(reversed(state.all_model_checkpoint_paths)) or [state.model_checkpoint_path]
 
 
+def resumes(model_dir):
+    """Whether a run in `model_dir` resumes from a checkpoint (`restore_latest` then restores every variable of
+    the network, or refuses to start), so that pretrained backbone weights would never be used."""
+    return bool(_newest_first(model_dir))
+
+
 def restore_latest(network, optimizer, model_dir, teacher=None):
     """Restores network and optimizer from the newest readable checkpoint of `model_dir` and returns its path
     (None for a fresh run).

@@ -167,9 +167,12 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
     if config.deterministic:
         tf.config.experimental.enable_op_determinism()
     keras.utils.set_random_seed(config.seed)
+    # A run that resumes takes every weight from its checkpoint: the pretrained backbone weights are not read, so
+    # a weights file moved since, or a node without internet access for `imagenet`, does not stop a resume.
+    backbone_weights = "none" if checkpoints.resumes(model_dir) else config.backbone_weights
     with strategy.scope():
         network = build_network(config.backbone, config.num_classes, num_units=config.num_units,
-                                backbone_weights=config.backbone_weights,
+                                backbone_weights=backbone_weights,
                                 aspp_implementation=config.aspp_implementation)
         trainer = build_trainer(config, network)  # in the scope: the optimizer's slots are mirrored
     distribute.per_replica_batch(config.batch_size, strategy)
