@@ -276,6 +276,7 @@ def dataset_and_root(domain, dataset, root, benchmark_seed, given, run=None):
         benchmark_seed = benchmark_seed if "benchmark_seed" in given else run.benchmark_seed
     return dataset, dataset_root(root_name, root, dataset, benchmark_seed), benchmark_seed
 
+
 def define_export_flags():
     define_console_flags()  # first, so that the command's --help lists it too
     flags.DEFINE_string("model_dir", None, "A training run folder (its newest checkpoint is exported).")
