@@ -170,6 +170,53 @@ def test_gpu_variant_has_no_argmax_or_int64_and_agrees_with_float32(exported, fr
     assert match >= 0.995
 
 
+@pytest.mark.parametrize("height,width", [(128, 256), (37, 53), (7, 5)])
+def test_numpy_resizing_is_tensorflows(height, width):
+    # The .tflite predictor resizes in numpy (so it runs without TensorFlow): what tf.image.resize gives, up and
+    # down, to odd sizes, on images, logits and labels.
+    import tensorflow as tf
+
+    from pit_keras.deploy import resize
+
+    rng = np.random.default_rng(height)
+    pixels = rng.integers(0, 256, (height, width, 3)).astype(np.uint8)
+    logits = rng.normal(size=(height, width, 19)).astype(np.float32)
+    labels = rng.integers(0, 19, (height, width)).astype(np.int32)
+    for size in [(64, 128), (100, 37), (256, 512), (3, 2)]:
+        np.testing.assert_allclose(resize.bilinear(logits, size),
+                                   tf.image.resize(logits, size, method="bilinear").numpy(), atol=1e-5)
+        expected = tf.cast(tf.round(tf.image.resize(pixels, size, method="bilinear")), tf.uint8).numpy()
+        assert np.mean(np.round(resize.bilinear(pixels, size)).astype(np.uint8) == expected) > 0.9999
+        expected = tf.image.resize(labels[..., None], size, method="nearest").numpy()[..., 0]
+        np.testing.assert_array_equal(resize.nearest(labels, size), expected)
+
+
+def test_predict_with_a_tflite_model_needs_no_tensorflow(exported, frame, tmp_path):
+    # predict in a process where importing TensorFlow or Keras fails (a device with LiteRT, numpy and Pillow),
+    # on an image at another size than the model's: both resizes run. Its labels are the test process's.
+    import subprocess
+    import sys
+
+    from conftest import REPO
+    from pit_keras.deploy import predictors
+
+    image = np.asarray(Image.fromarray(frame).resize((200, 90), Image.BILINEAR))
+    Image.fromarray(image).save(tmp_path / "street.png")
+    model = exported / "pit_float32.tflite"
+    code = ("import runpy, sys\n"
+            "sys.modules.update(tensorflow=None, keras=None)\n"
+            f"sys.argv = ['predict', '--model={model}', '--input={tmp_path / 'street.png'}', "
+            f"'--output_dir={tmp_path / 'out'}']\n"
+            "runpy.run_module('pit_keras.predict', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr[-2000:]
+    assert "segmented 1 image(s) with the tflite model" in result.stdout
+    written = np.asarray(Image.open(tmp_path / "out" / "street_labelTrainIds.png"))
+    expected = predictors.load_predictor(str(model))(image)
+    assert written.shape == (90, 200) and len(np.unique(expected)) > 1
+    np.testing.assert_array_equal(written, expected)
+
+
 def resize_align_corners(path):
     """The align_corners option of every RESIZE_BILINEAR op of a .tflite model, read from its flatbuffer."""
     from tensorflow.lite.python import schema_py_generated as schema

@@ -17,6 +17,7 @@ from PIL import Image
 from pit_keras import console, runs
 from pit_keras.data import classes
 from pit_keras.data.images import read_image
+from pit_keras.deploy import resize
 from pit_keras.deploy.serving import serving_function, serving_signature
 from pit_keras.errors import UserError
 
@@ -117,7 +118,8 @@ class SavedModelPredictor(Predictor):
 
 class TFLitePredictor(Predictor):
     """A `.tflite` model in LiteRT. Its input size is fixed, so images are resized to it bilinearly, and its
-    logits are resized back bilinearly before the argmax (as the SavedModel does).
+    logits are resized back bilinearly before the argmax (as the SavedModel does), both in numpy (`resize`):
+    a `.tflite` model runs without TensorFlow.
 
     Reads the export's layout (one `logits` output; uint8 input, or float32 pixels for `gpu_float16`) and the
     older one (`labels` and, but for int8, `probabilities`).
@@ -148,22 +150,20 @@ class TFLitePredictor(Predictor):
         return self.runner(images=image[None].astype(self.input_dtype))
 
     def __call__(self, image):
-        import tensorflow as tf
-
         height, width = image.shape[:2]
         fixed = (self.input_height, self.input_width)
         resized = image
         if (height, width) != fixed:
-            resized = tf.cast(tf.round(tf.image.resize(image, fixed, method="bilinear")), tf.uint8).numpy()
+            resized = np.round(resize.bilinear(image, fixed)).astype(np.uint8)
         outputs = self.run(resized)
         scores = outputs.get("logits", outputs.get("probabilities"))
         if scores is None:
             labels = outputs["labels"][0]
             if (height, width) == fixed:
                 return labels
-            return tf.image.resize(labels[..., None], (height, width), method="nearest")[..., 0].numpy()
+            return resize.nearest(labels, (height, width))
         if (height, width) != fixed:
-            scores = tf.image.resize(scores, (height, width), method="bilinear").numpy()
+            scores = resize.bilinear(scores[0], (height, width))[None]
         return np.argmax(scores[0], axis=-1).astype(np.int32)
 
 
