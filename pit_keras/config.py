@@ -252,7 +252,8 @@ def _check(config):
     if config.class_set not in classes.CLASS_SETS:
         raise UserError(f"class_set={config.class_set}: expected one of {', '.join(classes.CLASS_SETS)}.")
     if config.method == "pit" and not config.image_labels:
-        raise UserError("--method=pit needs --image_labels (a JSON file of target image labels, or ground_truth).")
+        raise UserError("--method=pit needs --image_labels (teacher with --self_training, a JSON file of target "
+                        "image labels, or ground_truth).")
     if config.method != "pit" and config.image_labels:
         raise UserError(f"--image_labels is only used by --method=pit, not --method={config.method}.")
     if config.image_labels == TEACHER_LABELS and not config.self_training:

@@ -102,7 +102,7 @@ def define_train_flags():
                       "--image_labels_prior (agreement).")
     flags.DEFINE_enum("image_label_kind", "shares", config.IMAGE_LABEL_KINDS,
                       "What L_c learns on both domains: each class's share of the image, or its presence (1 if "
-                      "present: the paper's Table 5 weak labels).")
+                      "present: the paper's Table 5 weak labels; JSON image labels must then be 0 or 1).")
     flags.DEFINE_boolean("self_training", False, "Self-training with an EMA teacher, confidence-weighted "
                          "pseudo-labels and ClassMix (DACS), on top of any --method.")
     flags.DEFINE_float("lambda_st", 1.0, "Weight of the self-training term.")

@@ -1,8 +1,9 @@
 """The loss terms of PIT and its baselines, as plain functions of tensors.
 
-Every function returns one float32 value per image (`[B]`), whatever the network's compute dtype, never a
-batch mean: the trainer reduces each term once, with `tf.nn.compute_average_loss`, so that the reduction is
-right under a distribution strategy (gradients are summed across replicas).
+Every loss returns one float32 value per image (`[B]`), whatever the network's compute dtype, never a batch
+mean (`lse_pool` and `image_level_labels`, its inputs, give `[B, C]`): the trainer reduces each term once, with
+`tf.nn.compute_average_loss`, so that the reduction is right under a distribution strategy (gradients are summed
+across replicas).
 """
 
 import math
@@ -22,7 +23,8 @@ def lse_pool(cam, r, normalize=False):
         cam: `[B, H, W, C]` logits.
         r: the smoothness r^k (a Python float); large r approaches max pooling, small r average pooling.
         normalize: divide by r (Pinheiro & Collobert's form, which stays on the scale of S); the paper's Eq. 1
-            as printed does not, and that is the default.
+            as printed does not, and neither does this function by default. The trainer divides unless
+            `--lse_normalize=false` (docs/method.md says why).
 
     Returns:
         `[B, C]` image-level logits.

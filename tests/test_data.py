@@ -177,6 +177,41 @@ def test_cache_images_feeds_a_run_the_same_source_and_target_batches(tiny_benchm
             np.testing.assert_array_equal(plain[key], cached[key])
 
 
+def test_every_iterator_of_a_run_dataset_gives_the_same_batches(tiny_benchmark):
+    # Keras' fit under a distribution strategy reads a batch through an iterator of its own before it trains: the
+    # batches a run (or a resumed run) sees must not depend on how many iterators were made before.
+    from pit_keras.training import runner
+
+    pairs = gta5.list_pairs(str(tiny_benchmark / "gta5"))
+    target_paths = [image for image, _ in pairs[::-1]]
+    labels = np.eye(3, 19, dtype=np.float32)[np.arange(len(target_paths)) % 3]
+    domains = {"source": (pairs, gta5.read_train_ids), "target": (target_paths, labels)}
+    for cache in (False, True):
+        config = run_config(tiny_benchmark, source_size=(32, 16), target_size=(24, 16), seed=5, cache_images=cache)
+        ds = runner.build_dataset(config, domains, batch_size=2, skip_batches=1)
+        first, second = ([{k: v.numpy() for k, v in b.items()} for b in ds.take(7)] for _ in range(2))
+        for a, b in zip(first, second):  # batches 2-8 of 2: over two epochs of 6 images
+            for key in a:
+                np.testing.assert_array_equal(a[key], b[key], err_msg=f"cache={cache} {key}")
+
+
+def test_a_worker_with_two_replicas_resumes_two_of_its_batches_a_step_on(tiny_benchmark):
+    # A multi-worker run's worker pipeline feeds each of its local replicas in turn: here 2 workers of 2 replicas,
+    # so a resumed step 3 starts at the worker's batch 6.
+    import tensorflow as tf
+
+    from pit_keras.training import runner
+
+    pairs = gta5.list_pairs(str(tiny_benchmark / "gta5"))
+    domains = {"source": (pairs, gta5.read_train_ids), "target": ([image for image, _ in pairs], np.eye(6, 19))}
+    config = run_config(tiny_benchmark, source_size=(32, 16), target_size=(24, 16), batch_size=8)
+    context = tf.distribute.InputContext(num_input_pipelines=2, input_pipeline_id=1, num_replicas_in_sync=4)
+    resumed = [b["source_image"].numpy() for b in runner.worker_dataset_fn(config, domains, 3)(context).take(3)]
+    whole = [b["source_image"].numpy() for b in runner.build_dataset(config, domains, 2, shard=(2, 1)).take(9)]
+    assert resumed[0].shape == (2, 16, 32, 3)
+    np.testing.assert_array_equal(np.stack(resumed), np.stack(whole[6:9]))
+
+
 def test_cache_images_is_refused_when_the_decoded_images_would_not_fit(tiny_benchmark, capsys, monkeypatch):
     from pit_keras.data import memory
     from pit_keras.errors import UserError

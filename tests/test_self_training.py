@@ -12,6 +12,7 @@ import tensorflow as tf
 from conftest import mirrored_strategy, run_config
 from pit_keras import losses
 from pit_keras.adaptation import self_training
+from pit_keras.errors import UserError
 from pit_keras.models.network import build_network
 from pit_keras.training.trainer import PITTrainer, SelfTraining
 
@@ -312,3 +313,12 @@ def test_a_runs_prior_is_read_as_the_target_image_labels(tmp_path):
     missing = dataclasses.replace(config, image_labels_prior=str(tmp_path / "missing.json"))
     with pytest.raises(Exception, match="--image_labels_prior="):
         runner.target_image_labels(missing, pairs, None, str(root))
+    # Presence is "above 0": shares or probabilities are refused, labels of 0 and 1 taken as they are.
+    presence = dataclasses.replace(config, image_label_kind="presence")
+    with pytest.raises(UserError, match="prior.json holds class shares or probabilities \\(e.g. 0.5\\), and "
+                                        "--image_label_kind=presence would count every class above 0"):
+        runner.target_image_labels(presence, pairs, None, str(root))
+    rows = (rows > 0).astype(np.float32)
+    soft_labels.write_json(str(tmp_path / "presence.json"), keys, rows)
+    presence = dataclasses.replace(presence, image_labels_prior=str(tmp_path / "presence.json"))
+    np.testing.assert_allclose(runner.target_image_labels(presence, pairs, None, str(root)), rows)

@@ -126,6 +126,24 @@ def test_checkpoint_round_trip_resumes_at_the_same_step_and_weights(tmp_path):
         np.testing.assert_allclose(a.numpy(), b.numpy(), rtol=1e-5, atol=1e-6)
 
 
+def test_a_resumed_network_draws_the_dropout_masks_the_run_would_have_drawn(tmp_path):
+    # FCN-8s has Dropout: a resumed run goes on with the masks of the uninterrupted one, not those of its step 0.
+    def network():
+        keras.utils.set_random_seed(0)
+        inputs = keras.Input((64,))
+        return keras.Model(inputs, keras.layers.Dropout(0.5)(inputs))
+
+    ones = np.ones((1, 64), np.float32)
+    run = network()
+    for _ in range(3):
+        run(ones, training=True)
+    checkpoints.manager(run, None, str(tmp_path)).save(checkpoint_number=3)
+    expected = run(ones, training=True).numpy()
+    resumed = network()
+    assert checkpoints.restore_latest(resumed, None, str(tmp_path)).endswith("ckpt-3")
+    np.testing.assert_array_equal(resumed(ones, training=True).numpy(), expected)
+
+
 def test_minent_without_entropy_weight_trains_the_source_only():
     keras.utils.set_random_seed(0)
     trainer = PITTrainer(build_network("tiny", 4, num_units=0), 4, method="minent", lambda_ent=0.0)

@@ -5,9 +5,10 @@ same function and weights), forward and backward, time and peak memory.
     python tools/benchmark_aspp.py --output=docs/perf_aspp_heads.json
 
 Each setting runs once per implementation, each in its own Python process (so that its peak resident memory,
-ru_maxrss, is its own): `--heads` ASPP classifiers to `--classes` classes on random features
-`[--batch, H, W, --channels]`, one `tf.function` computing the sum of squares of all logits and its gradients
-with respect to the features and every weight; the median wall time of `--repeats` calls after 2 warm-up calls.
+ru_maxrss, is its own): the setting's number of ASPP classifiers to `--classes` classes on random features
+`[batch, H, W, --channels]` (`SETTINGS`), one `tf.function` computing the sum of squares of all logits and its
+gradients with respect to the features and every weight; the median wall time of `--repeats` calls after 2
+warm-up calls.
 The default settings are the heads of a DeepLab-v2 PIT step at 512x256 (64x32 features, fine + 3 coarse heads,
 source + target as a batch of 2) and one head at the paper's 1280x640 (160x80 features) with its batch of 4.
 """

@@ -1,6 +1,6 @@
 """The paper's qualitative figures from trained run folders, as PNGs.
 
-    python tools/figures.py --model_dir=runs/results/pit_gt/seed_0 \\
+    python tools/figures.py --model_dir=runs/results/demo/seed_0 \\
         --compare_dir=runs/results/source_only/seed_0 --output_dir=docs/figures --num_images=3
 
 - `fig2_predictions.png` (paper Fig. 2): rows of target val images: the image, its ground truth, the

@@ -183,20 +183,29 @@ def _decoded(ds, decode):
 
 def _endless(ds, seed, batch_size, skip_batches, decode, resize, cache=False):
     count = ds.cardinality()  # of the file names: known, where it is not after a filter
-    if cache:
-        # The decoded files are kept in memory (uint8, at their own size) after their first use and resized
-        # every time, as without the cache. The shuffle below sees as many elements with the same seed as it
-        # does file names without the cache, so the batches are the same.
-        ds = _decoded(ds, decode).cache()
-    # The shuffled order is a function of the seed alone, so skipping the elements of the batches a resumed run
-    # has already seen (cheap without the cache: nothing is decoded) continues the uninterrupted run's order.
-    ds = ds.shuffle(count, seed=seed, reshuffle_each_iteration=True).repeat()
-    ds = ds.skip(skip_batches * batch_size)
-    if not cache:
-        # A file damaged past its header (checked at start-up) is dropped and named each time it is met.
-        ds = _decoded(ds, decode)
-    ds = ds.map(resize, num_parallel_calls=AUTOTUNE)
-    return ds.batch(batch_size, drop_remainder=True)
+
+    def batches(_):
+        files = ds
+        if cache:
+            # The decoded files are kept in memory (uint8, at their own size) after their first use and resized
+            # every time, as without the cache. The shuffle below sees as many elements with the same seed as
+            # it does file names without the cache, so the batches are the same.
+            files = _decoded(files, decode).cache()
+        # The shuffled order is a function of the seed alone, so skipping the elements of the batches a resumed
+        # run has already seen (cheap without the cache: nothing is decoded) continues the uninterrupted run's
+        # order.
+        files = files.shuffle(count, seed=seed, reshuffle_each_iteration=True).repeat()
+        files = files.skip(skip_batches * batch_size)
+        if not cache:
+            # A file damaged past its header (checked at start-up) is dropped and named each time it is met.
+            files = _decoded(files, decode)
+        return files.map(resize, num_parallel_calls=AUTOTUNE).batch(batch_size, drop_remainder=True)
+
+    # Made anew for each iterator: a shuffle's seed generator belongs to its dataset and goes on from one iterator
+    # to the next, so a second iterator of one dataset would see another order. Keras' fit under a distribution
+    # strategy reads a batch through an iterator of its own before training; the run's order, and a resumed
+    # run's, would then depend on it.
+    return tf.data.Dataset.range(1).flat_map(batches)
 
 
 def source_dataset(pairs, reader, size, batch_size, seed=0, shard=None, skip_batches=0, cache=False,

@@ -45,7 +45,7 @@ def _conv_bn_relu(x, filters, name, strides=1, dilation=1):
 
 
 def build_tiny(weights=None, widths=(16, 32, 64)):
-    """A small dilated FCN (output stride 8, ~0.1 M parameters) for tests and the CPU demo.
+    """A small dilated FCN (output stride 8, ~0.15 M parameters) for tests and the CPU demo.
 
     Three stride-2 stages, then dilated 3x3 convolutions (rates 2, 4) for context without losing resolution,
     as DeepLab does at scale. No pretrained weights exist; `weights` may be a local `.weights.h5` file.

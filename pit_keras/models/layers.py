@@ -40,8 +40,8 @@ class ResizeLike(keras.layers.Layer):
 class RegionReconstruction(keras.layers.Layer):
     """Weighted sum of the K coarse class-activation maps, `sum_k w^k S^k`, with learnable scalars w^k.
 
-    The layer owns the paper's w^k (`self.w`); the trainer reads them for the reconstruction loss and applies a
-    smaller learning rate to them.
+    The layer owns the paper's w^k (`self.w`); the trainer reads them for the reconstruction loss and trains them
+    at the heads' learning rate times `--interaction_lr_multiplier`.
 
     Args:
         num_units: K, the number of region-expansion units.
@@ -75,10 +75,9 @@ class BatchNormalization(keras.layers.BatchNormalization):
     With `synchronized=True` Keras computes the statistics from sums of x, x^2 and a count, each all-reduced over
     the replicas. With one replica (no strategy, or a strategy of one device) those all-reduces are identities,
     yet each adds a merge call and a custom gradient to the traced step. Here the same sums and divisions run
-    without them: the same statistics to the bit, fewer ops to trace (the tiny PIT step: 3870 -> 3678 ops, its
-    trace 3.1 -> 2.3 s of CPU, medians of 7 alternated traces). Across replicas, and for float16/bfloat16
-    statistics or masks, it is Keras' layer. The class keeps Keras' name: `.weights.h5` files address layers by
-    their class's name, so weights files load into either.
+    without them: the same statistics to the bit, with fewer ops to trace and run. Across replicas, and for
+    float16/bfloat16 statistics or masks, it is Keras' layer. The class keeps Keras' name: `.weights.h5` files
+    address layers by their class's name, so weights files load into either.
     """
 
     def _moments(self, inputs, mask):

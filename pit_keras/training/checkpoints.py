@@ -43,16 +43,24 @@ def check_or_write_run_config(model_dir, config, write=True):
         write_json_atomic(path, config.to_json())
 
 
-def _checkpoint(network, optimizer=None, teacher=None):
-    objects = {"network": network, "optimizer": optimizer, "teacher": teacher and teacher.checkpoint()}
+def _checkpoint(network, optimizer=None, teacher=None, seeds=False):
+    objects = {"network": network, "optimizer": optimizer, "teacher": teacher and teacher.checkpoint(),
+               "seeds": _seeds(network) if seeds else None}
     return tf.train.Checkpoint(**{name: value for name, value in objects.items() if value is not None})
+
+
+def _seeds(network):
+    """The state of the network's random-number generators (Dropout's masks: FCN-8s' fc6 and fc7), which a
+    checkpoint of the network alone leaves out; None without any."""
+    states = [v for v in network.non_trainable_variables if v.path.endswith("seed_generator_state")]
+    return tf.train.Checkpoint(**{f"state_{i}": v for i, v in enumerate(states)}) if states else None
 
 
 def manager(network, optimizer, model_dir, max_to_keep=3, folder="checkpoints", teacher=None):
     """A `tf.train.CheckpointManager` over the network, the optimizer and the self-training teacher (if any)
     under `MODEL_DIR/folder` ("checkpoints" for the newest ones, "best" for the best on target val, network
     only)."""
-    checkpoint = _checkpoint(network, optimizer, teacher)
+    checkpoint = _checkpoint(network, optimizer, teacher, seeds=True)
     return tf.train.CheckpointManager(checkpoint, os.path.join(model_dir, folder), max_to_keep=max_to_keep,
                                       checkpoint_name="ckpt")
 
@@ -76,8 +84,8 @@ def resumes(model_dir):
 
 
 def restore_latest(network, optimizer, model_dir, teacher=None):
-    """Restores network and optimizer from the newest readable checkpoint of `model_dir` and returns its path
-    (None for a fresh run).
+    """Restores network, optimizer, teacher and the network's random-number generators from the newest readable
+    checkpoint of `model_dir` and returns its path (None for a fresh run).
 
     A checkpoint that cannot be read (a file truncated by a crash) is reported and the previous one used.
     The optimizer must be built, so that its slot variables exist to be filled.
@@ -86,6 +94,10 @@ def restore_latest(network, optimizer, model_dir, teacher=None):
     for path in candidates:
         try:
             _checkpoint(network, optimizer, teacher).restore(path).assert_existing_objects_matched()
+            # The generators' state goes on where the run was (none in a checkpoint written without it).
+            seeds = _seeds(network)
+            if seeds:
+                tf.train.Checkpoint(seeds=seeds).restore(path).expect_partial()
             return path
         except Exception as err:  # noqa: BLE001 -- a damaged file fails in many ways (IndexError, DataLoss, ...)
             reason = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__

@@ -40,7 +40,14 @@ def target_image_labels(config, target_pairs, reader, target_root):
     if path == GROUND_TRUTH_LABELS:
         return soft_labels.from_ground_truth([l for _, l in target_pairs], reader, config.num_classes)
     keys = [relative_key(target_root, image) for image, _ in target_pairs]
-    return soft_labels.load_json(os.path.expanduser(path), keys, config.num_classes, flag=flag)
+    labels = soft_labels.load_json(os.path.expanduser(path), keys, config.num_classes, flag=flag)
+    soft = labels[(labels > 0) & (labels < 1)]
+    if config.image_label_kind == "presence" and soft.size:
+        # Presence is "above 0": a regressor's or a soft prediction's shares are above 0 for every class.
+        raise UserError(f"--{flag}={path} holds class shares or probabilities (e.g. {soft[0]:.3g}), and "
+                        "--image_label_kind=presence would count every class above 0 as present: use "
+                        "--image_label_kind=shares, or labels of 0 (absent) and 1 (present).")
+    return labels
 
 
 def self_training_settings(config):
@@ -137,6 +144,18 @@ def build_dataset(config, domains, batch_size, shard=None, skip_batches=0):
     return pipeline.training_dataset(source, target)
 
 
+def worker_dataset_fn(config, domains, step):
+    """The input function of a multi-worker run (`distribute_datasets_from_function`): each worker's shard of
+    the files, in batches of the per-replica size, from `step` on. A worker's pipeline feeds each of its local
+    replicas in turn, so a step takes as many of its batches as the worker has replicas."""
+    def dataset(context):
+        local_replicas = context.num_replicas_in_sync // context.num_input_pipelines
+        return build_dataset(config, domains, context.get_per_replica_batch_size(config.batch_size),
+                             shard=(context.num_input_pipelines, context.input_pipeline_id),
+                             skip_batches=step * local_replicas)
+    return dataset
+
+
 def run(config, model_dir, strategy=None, log_every=100, image_every=1000, checkpoint_every=1000,
         keep_checkpoints=3, evaluate=True, verbose=1, eval_every=0):
     """Trains (or resumes) the run in `model_dir` to `config.num_steps` steps.
@@ -216,10 +235,7 @@ def run(config, model_dir, strategy=None, log_every=100, image_every=1000, check
             fit_args = dict(epochs=math.ceil(config.num_steps / log_every), initial_epoch=step // log_every,
                             steps_per_epoch=log_every, verbose=0, callbacks=run_callbacks)
             if distribute.is_multi_worker(strategy):
-                data = strategy.distribute_datasets_from_function(
-                    lambda context: build_dataset(
-                        config, domains, context.get_per_replica_batch_size(config.batch_size),
-                        shard=(context.num_input_pipelines, context.input_pipeline_id), skip_batches=step))
+                data = strategy.distribute_datasets_from_function(worker_dataset_fn(config, domains, step))
                 distribute.fit_custom_loop(trainer, data, strategy, **fit_args)
             else:
                 trainer.fit(build_dataset(config, domains, config.batch_size, skip_batches=step), shuffle=False,
