@@ -142,6 +142,10 @@ def test_a_resumed_network_draws_the_dropout_masks_the_run_would_have_drawn(tmp_
     resumed = network()
     assert checkpoints.restore_latest(resumed, None, str(tmp_path)).endswith("ckpt-3")
     np.testing.assert_array_equal(resumed(ones, training=True).numpy(), expected)
+    # A checkpoint written without the masks' state still resumes (its masks start over).
+    older = tf.train.Checkpoint(network=run)
+    tf.train.CheckpointManager(older, str(tmp_path / "older" / "checkpoints"), 1, checkpoint_name="ckpt").save(3)
+    assert checkpoints.restore_latest(network(), None, str(tmp_path / "older")).endswith("ckpt-3")
 
 
 def test_minent_without_entropy_weight_trains_the_source_only():
