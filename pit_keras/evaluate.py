@@ -80,7 +80,8 @@ def score_run():
     result = metrics.summarize(scoring.network_confusion(run.network, pairs, reader, space, size),
                                space.class_set)
     result["checkpoint"] = os.path.basename(run.checkpoint)
-    return result, space, os.path.join(FLAGS.model_dir, f"eval_{FLAGS.split}.json"), target
+    output = scoring.run_output(FLAGS.model_dir, FLAGS.split, config, FLAGS.checkpoint, target, root)
+    return result, space, output, target
 
 
 def score_predictions():

@@ -192,9 +192,10 @@ def define_eval_flags():
                       "With --model_dir: the newest checkpoint, or the best on target val (kept by --eval_every).")
     flags.DEFINE_string("output", None,
                         "Results JSON; SAME.csv (per-class IoU) and SAME_confusion.png are written beside it. "
-                        "Default MODEL_DIR/eval_SPLIT.json, DIR/NAME_eval_SPLIT.json for "
-                        "--predictions_dir=DIR/NAME, or beside the export folder for --saved_model/--tflite (a "
-                        "path inside it is refused).")
+                        "Default MODEL_DIR/eval_SPLIT.json (eval_SPLIT_best.json for --checkpoint=best, "
+                        "eval_SPLIT_TARGET_ROOTNAME.json for another target than the run's), "
+                        "DIR/NAME_eval_SPLIT.json for --predictions_dir=DIR/NAME, or beside the export folder for "
+                        "--saved_model/--tflite (a path inside it is refused).")
 
 
 def define_image_labels_flags():

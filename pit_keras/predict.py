@@ -44,16 +44,13 @@ def main(argv):
         video.open_video(FLAGS.input)[0].release()
         predictor = predictors.load_predictor(FLAGS.model)
         output, seconds = video.predict_video(predictor, FLAGS.input, FLAGS.output_dir, alpha=FLAGS.overlay_alpha)
-        frames = len(seconds["all"])
-        if not frames:
-            raise UserError(f"--input={FLAGS.input}: the video holds no frame OpenCV can decode.")
-        print(f"segmented {frames} frame(s) of {FLAGS.input} with the {predictor.kind} model {FLAGS.model} "
-              f"{predictors.speed(seconds['all'], 'frame', seconds['model'])}; wrote {output}")
+        print(f"segmented {len(seconds['all'])} frame(s) of {FLAGS.input} with the {predictor.kind} model "
+              f"{FLAGS.model} {predictors.speed(seconds['all'], 'frame', seconds['model'])}; wrote {output}")
         return
     images = image_files.list_images(FLAGS.input, exclude=FLAGS.output_dir)
     if os.path.isfile(FLAGS.input):
         image_files.read_image(FLAGS.input)  # one image: refused before the model loads, in its own words
-    names = image_files.output_names(images, FLAGS.input)
+    names = image_files.output_names(images, FLAGS.input, FLAGS.output_dir)
     predictor = predictors.load_predictor(FLAGS.model)
     _, failed, seconds = predictors.predict_files(predictor, images, FLAGS.output_dir, alpha=FLAGS.overlay_alpha,
                                                   names=names)

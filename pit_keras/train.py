@@ -24,8 +24,9 @@ def parse_config():
     lists, dataset roots, paths), every value and combination by `RunConfig`."""
     if not FLAGS.model_dir:
         raise UserError("--model_dir is required (the run folder for checkpoints and logs).")
-    if FLAGS.log_every <= 0:
-        raise UserError(f"--log_every={FLAGS.log_every}: must be positive.")
+    for name in ("log_every", "keep_checkpoints"):
+        if FLAGS[name].value <= 0:
+            raise UserError(f"--{name}={FLAGS[name].value}: must be positive.")
     values = {field.name: FLAGS[field.name].value for field in dataclasses.fields(RunConfig) if field.name in FLAGS}
     values.update(
         source_root=pit_flags.dataset_root("source_root", FLAGS.source_root, FLAGS.source, FLAGS.benchmark_seed),

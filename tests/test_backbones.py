@@ -269,6 +269,8 @@ def test_a_weights_file_of_another_model_is_refused_by_flag(tmp_path):
     with pytest.raises(UserError, match="--backbone_weights=.*junk.weights.h5: not a weights file of the stock"):
         backbones.load_stock_model(keras.applications.MobileNetV3Small, str(path), "MobileNetV3Small",
                                    with_top=False)
+    with pytest.raises(UserError, match="--backbone_weights=.*junk.weights.h5: not a weights file of the tiny"):
+        backbones.build_tiny(str(path))
 
 
 @pytest.mark.slow

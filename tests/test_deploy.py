@@ -268,6 +268,40 @@ def test_predict_segments_a_video_and_prints_frames_per_second(exported, frame, 
     assert ok and first.shape == (64, 128, 3)
 
 
+def test_a_video_overlay_replaces_an_earlier_one_only_once_complete(tmp_path):
+    import os
+
+    import cv2
+
+    from pit_keras.data import classes
+    from pit_keras.deploy import video
+
+    class StopsAtFrame:  # a predictor that fails on one frame (a run killed there leaves the same)
+        class_set = classes.CITYSCAPES19
+
+        def __init__(self, stop):
+            self.stop, self.calls = stop, 0
+
+        def __call__(self, image):
+            self.calls += 1
+            if self.calls == self.stop:
+                raise RuntimeError("stopped")
+            return np.zeros(image.shape[:2], np.int32)
+
+    write_video(tmp_path / "drive.mp4", np.zeros((32, 64, 3), np.uint8), count=4)
+    earlier = tmp_path / "out" / "drive_overlay.mp4"
+    earlier.parent.mkdir()
+    earlier.write_bytes(b"an earlier overlay")
+    with pytest.raises(RuntimeError, match="stopped"):
+        video.predict_video(StopsAtFrame(3), str(tmp_path / "drive.mp4"), str(earlier.parent))
+    assert earlier.read_bytes() == b"an earlier overlay" and os.listdir(earlier.parent) == ["drive_overlay.mp4"]
+    output, seconds = video.predict_video(StopsAtFrame(0), str(tmp_path / "drive.mp4"), str(earlier.parent))
+    assert output == str(earlier) and len(seconds["all"]) == 4
+    capture = cv2.VideoCapture(output)
+    assert int(capture.get(cv2.CAP_PROP_FRAME_COUNT)) == 4
+    capture.release()
+
+
 def test_frames_per_second_leave_out_the_first_frames_start_up(tmp_path):
     from pit_keras.data import classes
     from pit_keras.deploy import predictors

@@ -262,6 +262,26 @@ def test_cli_model_dir_maps_a_19_class_run_into_13_classes(handmade, tmp_path):
     assert scores["per_class_iou"]["sky"] == 0.0 and scores["miou"] == 0.0 and scores["miou13"] == 0.0
 
 
+def test_cli_model_dir_names_a_bad_label_file_in_one_sentence(handmade, tmp_path):
+    # The labels of a run's evaluation are read inside its input pipeline: a file the reader refuses is still
+    # reported in its own sentence (as with --predictions_dir), not as a TensorFlow traceback.
+    import tensorflow as tf
+
+    from pit_keras.models.network import build_network
+
+    root = tmp_path / "cityscapes"
+    shutil.copytree(handmade, root)
+    label = next((root / "gtFine").rglob("*_labelIds.png"))
+    Image.open(label).convert("RGB").save(label)
+    network = build_network("tiny", 19, num_units=0)
+    tf.train.Checkpoint(network=network).save(str(tmp_path / "run" / "checkpoints" / "ckpt"))
+    write_run_config(tmp_path / "run", lse_r=(), method="source_only", image_labels=None, target_size=(32, 16))
+    result = run(f"--model_dir={tmp_path / 'run'}", f"--target_root={root}", f"--output={tmp_path / 'eval.json'}")
+    assert result.returncode == 2, result.stderr[-2000:]
+    assert result.stderr.strip().splitlines()[-1].startswith(f"error: {label}: ")
+    assert "Traceback" not in result.stderr and not (tmp_path / "eval.json").exists()
+
+
 def noisy_predictions(truth, rng, classes_drawn):
     """The truth with a third of its pixels relabelled at random and a few set to "no class" (255)."""
     prediction = np.where(truth == classes.IGNORE_INDEX, 0, truth).astype(np.uint8)

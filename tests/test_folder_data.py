@@ -185,6 +185,18 @@ def test_the_label_map_maps_raw_ids_and_ignores_the_rest(data, tmp_path):
     np.testing.assert_array_equal(test_reader(test[0][1])[0], [0, 13, 255, 18])
 
 
+def test_a_runs_results_for_the_best_checkpoint_or_another_target_keep_the_trainings_own():
+    from conftest import run_config
+
+    config = run_config("/data/bench")  # its target: cityscapes at /data/bench/cityscapes
+    own = scoring.run_output("run", "val", config, "last", "cityscapes", "/data/bench/cityscapes")
+    assert own == os.path.join("run", "eval_val.json")  # the file training writes at its end
+    assert scoring.run_output("run", "val", config, "best", "cityscapes", "/data/bench/cityscapes") == \
+        os.path.join("run", "eval_val_best.json")
+    assert scoring.run_output("run", "test", config, "last", "folder", "/data/camera/") == \
+        os.path.join("run", "eval_test_folder_camera.json")
+
+
 def test_deployed_results_are_written_beside_the_export_folder(tmp_path):
     export = tmp_path / "demo_export"
     (export / "saved_model" / "pit" / "1").mkdir(parents=True)

@@ -305,7 +305,7 @@ def test_divergence_before_any_checkpoint_says_so():
 
 
 @pytest.mark.parametrize("flag", ["--learning_rate=nan", "--learning_rate=inf", "--learning_rate=0",
-                                  "--momentum=-0.5", "--lambda_c=nan"])
+                                  "--momentum=-0.5", "--lambda_c=nan", "--keep_checkpoints=0"])
 def test_numeric_flags_are_checked_before_anything_starts(tmp_path, flag):
     result = run_in_process("train", *train_args(tmp_path, tmp_path / "run", "--num_steps=2", flag))
     assert result.returncode == 2, result.stderr[-2000:]
@@ -467,3 +467,10 @@ def test_two_images_that_would_write_the_same_outputs_are_refused(tmp_path):
     listed = images.list_images(str(tmp_path))
     with pytest.raises(UserError, match="a.jpg and .*a.png would write the same outputs \\(a_labelTrainIds.png\\)"):
         images.output_names(listed, str(tmp_path))
+    # An output that would be an input image: predict run into the input folder, beside a photo named like one.
+    (tmp_path / "b_overlay.png").write_bytes(b"")
+    listed = images.list_images(str(tmp_path))
+    images.output_names(listed[1:], str(tmp_path), str(tmp_path / "out"))
+    with pytest.raises(UserError, match=f"--output_dir={tmp_path}: predict would write .*b_overlay.png, which is one "
+                                        "of the input images"):
+        images.output_names(listed[1:], str(tmp_path), str(tmp_path))

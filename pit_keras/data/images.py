@@ -71,21 +71,35 @@ def list_images(path, exclude=None):
     return sorted(images)
 
 
-def output_names(images, input_path):
+OUTPUT_SUFFIXES = ("_labelTrainIds.png", "_overlay.png")  # what predict writes for an image NAME: NAME + each
+
+
+def output_names(images, input_path, output_dir=None):
     """`{image: output stem}`: each image's path relative to `input_path` (a folder) without its extension, so
     the outputs mirror its sub-folders; just the file name for a single image.
 
     Raises:
-        UserError: if two images would write the same outputs (`a.png` and `a.jpg` in one folder).
+        UserError: if two images would write the same outputs (`a.png` and `a.jpg` in one folder), or if an
+            output in `output_dir` would be one of the images (`--output_dir` the input folder, holding
+            `a.png` and a photo named `a_overlay.png`).
     """
     if os.path.isfile(input_path):
-        return {image: os.path.splitext(os.path.basename(image))[0] for image in images}
-    stems, seen = {}, {}
-    for image in images:
-        stem = os.path.splitext(os.path.relpath(image, input_path))[0]
-        if stem in seen:
-            raise UserError(f"{seen[stem]} and {image} would write the same outputs ({stem}_labelTrainIds.png); "
-                            "rename one of them.")
-        seen[stem] = image
-        stems[image] = stem
+        stems = {image: os.path.splitext(os.path.basename(image))[0] for image in images}
+    else:
+        stems, seen = {}, {}
+        for image in images:
+            stem = os.path.splitext(os.path.relpath(image, input_path))[0]
+            if stem in seen:
+                raise UserError(f"{seen[stem]} and {image} would write the same outputs "
+                                f"({stem}_labelTrainIds.png); rename one of them.")
+            seen[stem] = image
+            stems[image] = stem
+    if output_dir:
+        inputs = {os.path.realpath(image) for image in images}
+        for stem in stems.values():
+            for suffix in OUTPUT_SUFFIXES:
+                output = os.path.join(output_dir, stem + suffix)
+                if os.path.realpath(output) in inputs:
+                    raise UserError(f"--output_dir={output_dir}: predict would write {output}, which is one of the "
+                                    "input images; choose an --output_dir that holds no input image.")
     return stems

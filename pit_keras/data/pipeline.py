@@ -44,7 +44,13 @@ def load_image(path, size=None):
 
 def read_label(path, reader):
     """Reads a label file with `reader(path) -> [H, W] uint8 train ids`."""
-    label = tf.numpy_function(lambda p: reader(np.asarray(p).item().decode()), [path], tf.uint8, stateful=False)
+    def read(path):
+        try:
+            return reader(np.asarray(path).item().decode())
+        except UserError as err:  # a label file the reader refuses: its sentence, not TensorFlow's traceback
+            raise_in_background(err)
+
+    label = tf.numpy_function(read, [path], tf.uint8, stateful=False)
     label.set_shape([None, None])
     return label
 

@@ -16,7 +16,7 @@ from PIL import Image
 
 from pit_keras import console, runs
 from pit_keras.data import classes
-from pit_keras.data.images import read_image
+from pit_keras.data.images import OUTPUT_SUFFIXES, read_image
 from pit_keras.deploy import resize
 from pit_keras.deploy.serving import serving_function, serving_signature
 from pit_keras.errors import UserError
@@ -238,8 +238,7 @@ def predict_files(predictor, images, output_dir, alpha=0.5, progress=True, names
         else:
             labels = np.asarray(predictor(image)).astype(np.uint8)
             name = (names or {}).get(path) or os.path.splitext(os.path.basename(path))[0]
-            label_path = os.path.join(output_dir, f"{name}_labelTrainIds.png")
-            overlay_path = os.path.join(output_dir, f"{name}_overlay.png")
+            label_path, overlay_path = (os.path.join(output_dir, name + suffix) for suffix in OUTPUT_SUFFIXES)
             os.makedirs(os.path.dirname(label_path), exist_ok=True)
             atomic.atomic_write(label_path, lambda tmp: Image.fromarray(labels).save(tmp, format="PNG"))
             colours = visualize.overlay(image, visualize.colorize(labels, predictor.class_set), alpha)

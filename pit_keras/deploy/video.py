@@ -57,34 +57,40 @@ def predict_video(predictor, path, output_dir, alpha=0.5):
         the predictor and in all (decoding, segmenting, drawing, encoding); the first frame's include what the
         predictor does once (imports, warm-up).
     """
-    from pit_keras import visualize
+    from pit_keras import atomic, visualize
 
     cv2 = import_cv2()
     capture, fps = open_video(path)
     os.makedirs(output_dir, exist_ok=True)
     output = os.path.join(output_dir, f"{os.path.splitext(os.path.basename(path))[0]}_overlay.mp4")
-    writer = None
     seconds = {"model": [], "all": []}
-    try:
-        while True:
-            start = time.perf_counter()
-            ok, bgr = capture.read()
-            if not ok:
-                break
-            rgb = np.ascontiguousarray(bgr[..., ::-1])
-            tick = time.perf_counter()
-            labels = np.asarray(predictor(rgb)).astype(np.uint8)
-            seconds["model"].append(time.perf_counter() - tick)
-            overlay = visualize.overlay(rgb, visualize.colorize(labels, predictor.class_set), alpha)
-            if writer is None:
-                height, width = rgb.shape[:2]
-                writer = cv2.VideoWriter(output, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
-                if not writer.isOpened():
-                    raise UserError(f"--output_dir={output_dir}: OpenCV cannot write {output}.")
-            writer.write(np.ascontiguousarray(overlay[..., ::-1]))
-            seconds["all"].append(time.perf_counter() - start)
-    finally:
-        capture.release()
-        if writer is not None:
-            writer.release()
+
+    def write(tmp):  # a whole video or none: an earlier overlay is replaced only once this one is complete
+        writer = None
+        try:
+            while True:
+                start = time.perf_counter()
+                ok, bgr = capture.read()
+                if not ok:
+                    break
+                rgb = np.ascontiguousarray(bgr[..., ::-1])
+                tick = time.perf_counter()
+                labels = np.asarray(predictor(rgb)).astype(np.uint8)
+                seconds["model"].append(time.perf_counter() - tick)
+                overlay = visualize.overlay(rgb, visualize.colorize(labels, predictor.class_set), alpha)
+                if writer is None:
+                    height, width = rgb.shape[:2]
+                    writer = cv2.VideoWriter(tmp, cv2.VideoWriter_fourcc(*"mp4v"), fps, (width, height))
+                    if not writer.isOpened():
+                        raise UserError(f"--output_dir={output_dir}: OpenCV cannot write {output}.")
+                writer.write(np.ascontiguousarray(overlay[..., ::-1]))
+                seconds["all"].append(time.perf_counter() - start)
+        finally:
+            capture.release()
+            if writer is not None:
+                writer.release()
+        if writer is None:
+            raise UserError(f"--input={path}: the video holds no frame OpenCV can decode.")
+
+    atomic.atomic_write(output, write, suffix=".mp4")
     return output, seconds

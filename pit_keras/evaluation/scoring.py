@@ -290,6 +290,21 @@ def export_folder(path):
     return None
 
 
+def run_output(model_dir, split, config, checkpoint="last", target=None, root=None):
+    """The default results JSON of a run's evaluation (`evaluate --model_dir`): MODEL_DIR/eval_SPLIT.json for
+    its last checkpoint on its own target (the file training writes at its end), with `_best` for the best
+    checkpoint and `_TARGET_ROOTNAME` for another labelled set (`target` at `root`), so that neither replaces
+    the training's own."""
+    name = f"eval_{split}" + ("_best" if checkpoint == "best" else "")
+
+    def where(folder):
+        return os.path.abspath(folder) if folder else None
+
+    if target is not None and (target, where(root)) != (config.target, where(config.target_root)):
+        name += f"_{target}" + (f"_{os.path.basename(os.path.normpath(root))}" if root else "")
+    return os.path.join(model_dir, name + ".json")
+
+
 def deployed_output(path, split):
     """The default results JSON of a deployed model (`evaluate --saved_model/--tflite`), never inside its export
     folder (which `export --overwrite` replaces and a server reads): beside the folder, named

@@ -61,7 +61,11 @@ def build_tiny(weights=None, widths=(16, 32, 64)):
     if weights == "imagenet":
         raise UserError("--backbone_weights=imagenet: the tiny backbone has no ImageNet weights; use none or a file.")
     if weights is not None:
-        model.load_weights(weights)
+        try:
+            model.load_weights(weights)
+        except Exception as err:  # noqa: BLE001 -- h5py's OSError for a damaged file, Keras' ValueError otherwise
+            raise UserError(f"--backbone_weights={weights}: not a weights file of the tiny backbone ({err}).") \
+                from None
     return model
 
 
