@@ -27,6 +27,9 @@ def read_rgb(path):
     with Image.open(path) as image:
         if image.width * image.height > MAX_MEGAPIXELS * 1e6:
             raise ValueError(f"{path} is {image.width}x{image.height}, over the {MAX_MEGAPIXELS} MP limit.")
+        if image.mode in ("I", "I;16", "I;16B", "I;16L"):  # 16-bit grey: scaled to 8 bits, not clipped
+            grey = np.asarray(image, np.float64) * (255.0 / 65535.0)
+            return np.repeat(np.clip(grey.round(), 0, 255).astype(np.uint8)[..., None], 3, axis=-1)
         return np.asarray(image.convert("RGB"), np.uint8)
 
 

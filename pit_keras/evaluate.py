@@ -135,6 +135,8 @@ def main(argv):
                         "or --predictions_dir (saved PNGs).")
     if not FLAGS.predictions_dir and FLAGS["prediction_classes"].present:
         raise UserError("--prediction_classes applies to --predictions_dir only; a model predicts its own classes.")
+    if FLAGS.output and os.path.isdir(FLAGS.output):  # refused now, not once every image is scored
+        raise UserError(f"--output={FLAGS.output} is a folder; give the path of the results JSON file.")
     from pit_keras.evaluation import metrics, reports
 
     if FLAGS.model_dir:

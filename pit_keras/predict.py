@@ -6,10 +6,11 @@
 --model is a training run folder, a SavedModel (a folder with saved_model.pb, or an export folder) or a
 .tflite file (run by LiteRT). --input is an image, a folder of images (its sub-folders included, e.g. the
 Cityscapes layout; an image sequence: frames in name order) or a video file (.mp4, .avi, .mov, .mkv, .webm,
-...; read with OpenCV). For each image NAME it writes NAME_labelTrainIds.png (8-bit train ids, 255 for none)
-and NAME_overlay.png (the Cityscapes palette over the image), both at the image's size, in the same sub-folder
-of --output_dir as the image's in --input; for a video NAME it writes NAME_overlay.mp4. It prints the frames
-per second after the first frame, whose start-up (imports, warm-up) is timed apart. An image that cannot be read
+...; read with OpenCV). For each image NAME it writes NAME_labelTrainIds.png (8-bit Cityscapes train ids, 255
+for none; a SYNTHIA run's 16 classes as their Cityscapes ids) and NAME_overlay.png (the Cityscapes palette over
+the image), both at the image's size, in the same sub-folder of --output_dir as the image's in --input; for a
+video NAME it writes NAME_overlay.mp4. It prints the frames per second after the first frame, whose start-up
+(imports, warm-up) is timed apart. An image that cannot be read
 is named on a line of its own and the others are segmented; the command then ends with one sentence counting them
 and exit code 2.
 """
@@ -39,6 +40,8 @@ def main(argv):
         raise UserError(f"--overlay_alpha={FLAGS.overlay_alpha}: must be in [0, 1].")
     if not os.path.exists(FLAGS.model):
         raise UserError(f"--model={FLAGS.model}: no such file or folder.")
+    if os.path.exists(FLAGS.output_dir) and not os.path.isdir(FLAGS.output_dir):
+        raise UserError(f"--output_dir={FLAGS.output_dir} is a file; give a folder (created if missing).")
     if video.is_video(FLAGS.input):
         # Checked before the model loads, so an unreadable video fails in a second.
         video.open_video(FLAGS.input)[0].release()

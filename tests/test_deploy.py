@@ -302,6 +302,23 @@ def test_a_video_overlay_replaces_an_earlier_one_only_once_complete(tmp_path):
     capture.release()
 
 
+def test_a_synthia_models_labels_are_written_as_cityscapes_train_ids(tmp_path):
+    # So that evaluate --predictions_dir reads predict's PNGs in its default 19 classes (and maps them to 16).
+    from pit_keras.data import classes
+    from pit_keras.deploy import predictors
+
+    class Synthia:
+        class_set = classes.SYNTHIA16
+
+        def __call__(self, image):
+            return np.array([[0, 9, 15, 255]], np.int32)  # road, sky, bicycle, none in the 16 classes
+
+    Image.fromarray(np.zeros((1, 4, 3), np.uint8)).save(tmp_path / "a.png")
+    predictors.predict_files(Synthia(), [str(tmp_path / "a.png")], str(tmp_path / "out"), progress=False)
+    written = np.asarray(Image.open(tmp_path / "out" / "a_labelTrainIds.png"))
+    np.testing.assert_array_equal(written, [[0, 10, 18, 255]])
+
+
 def test_frames_per_second_leave_out_the_first_frames_start_up(tmp_path):
     from pit_keras.data import classes
     from pit_keras.deploy import predictors
@@ -334,3 +351,8 @@ def test_predict_refuses_an_unreadable_video_with_one_sentence(exported, tmp_pat
     assert result.returncode == 2 and "Traceback" not in result.stderr
     assert f"--input={tmp_path / 'broken.mp4'}: OpenCV cannot decode this video file." in result.stderr
     assert not (tmp_path / "out").exists()
+    (tmp_path / "notes.txt").write_text("notes")
+    result = run_in_process("predict", f"--model={exported / 'pit_float32.tflite'}",
+                            f"--input={tmp_path / 'broken.mp4'}", f"--output_dir={tmp_path / 'notes.txt'}")
+    assert result.returncode == 2 and (tmp_path / "notes.txt").read_text() == "notes"
+    assert f"--output_dir={tmp_path / 'notes.txt'} is a file; give a folder" in result.stderr

@@ -107,6 +107,25 @@ def test_find_predictions_prefers_the_mirror_then_one_prefix_match(tmp_path):
         scoring.find_predictions(pairs, str(tmp_path / "nowhere"))
 
 
+def test_find_predictions_takes_predicts_outputs_and_keeps_a_folder_layouts_sub_folders_apart(tmp_path):
+    # predict on a Cityscapes split: a label PNG and a colour overlay per image; the overlay is no prediction.
+    pairs = [("/data/leftImg8bit/val/bonn/bonn_000000_000001_leftImg8bit.png", None)]
+    pred = tmp_path / "pred"
+    for suffix in ("_labelTrainIds.png", "_overlay.png"):
+        save_png(pred / "bonn" / f"bonn_000000_000001_leftImg8bit{suffix}", TRUTH)
+    assert scoring.find_predictions(pairs, str(pred)) == [
+        str(pred / "bonn" / "bonn_000000_000001_leftImg8bit_labelTrainIds.png")]
+    # A folder layout: 0001.jpg in d1/ and d2/; only d1's has a prediction, which is not d2's.
+    images = tmp_path / "val" / "images"
+    pairs = [(str(images / d / "0001.jpg"), None) for d in ("d1", "d2")]
+    save_png(pred / "d1" / "0001_pred.png", TRUTH)
+    with pytest.raises(UserError, match=r"d2/0001.jpg has no prediction"):
+        scoring.find_predictions(pairs, str(pred), image_dir=str(images))
+    save_png(pred / "d2" / "0001_pred.png", TRUTH)
+    assert scoring.find_predictions(pairs, str(pred), image_dir=str(images)) == [
+        str(pred / "d1" / "0001_pred.png"), str(pred / "d2" / "0001_pred.png")]
+
+
 def test_read_prediction_refuses_other_sizes_modes_and_label_ids(tmp_path):
     path = str(tmp_path / "p.png")
     save_png(path, TRUTH)
@@ -221,11 +240,13 @@ def test_cli_classes_13_reports_miou_star(handmade, tmp_path):
     ("missing", f"{FRAME}_leftImg8bit.png has no prediction: expected"),
     ("both", "Give exactly one of --model_dir (a training run), --saved_model, --tflite"),
     ("16_over_19", "--classes=19: 16-class predictions cannot be scored over 19 classes"),
+    ("output_folder", "is a folder; give the path of the results JSON file"),
 ])
 def test_cli_errors_are_one_sentence(handmade, tmp_path, case, message):
     pred = tmp_path / "p"
     pred.mkdir()
-    extra = {"both": [f"--model_dir={tmp_path}"], "16_over_19": ["--prediction_classes=16", "--classes=19"]}
+    extra = {"both": [f"--model_dir={tmp_path}"], "16_over_19": ["--prediction_classes=16", "--classes=19"],
+             "output_folder": [f"--output={tmp_path}"]}
     result = run(f"--predictions_dir={pred}", f"--target_root={handmade}", *extra.get(case, []))
     assert result.returncode == 2
     last = result.stderr.strip().splitlines()[-1]

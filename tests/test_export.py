@@ -374,3 +374,39 @@ def test_evaluate_scores_the_deployed_models_like_the_run(exported, model_dir, t
     # The SavedModel serves exactly the run's network; float32 LiteRT differs only by rounding.
     assert scores["saved_model"] == pytest.approx(scores["run"], abs=0.5)
     assert scores["tflite"] == pytest.approx(scores["run"], abs=1.0)
+
+
+def test_int8_calibration_images_are_spread_over_the_targets_training_images(monkeypatch):
+    import types
+
+    import tensorflow as tf
+
+    from pit_keras.data import datasets, pipeline
+    from pit_keras.deploy import exporting
+
+    pairs = [(f"city{i // 4}_{i:02d}.png", None) for i in range(12)]  # sorted by path: cities in turn
+    monkeypatch.setattr(datasets, "target_pairs", lambda *args, **kwargs: (pairs, None, None))
+    read = []
+    monkeypatch.setattr(pipeline, "load_image", lambda path, size: read.append(path) or tf.zeros((2, 2, 3)))
+    config = types.SimpleNamespace(target="cityscapes", target_root="root", benchmark_seed=0)
+    assert len(exporting.calibration_images(config, (2, 2), 3)) == 3
+    assert read == ["city0_00.png", "city1_04.png", "city2_08.png"]
+    read.clear()
+    exporting.calibration_images(config, (2, 2), 20)
+    assert read == [path for path, _ in pairs]
+
+
+def test_rest_client_reads_images_as_predict_does(tmp_path):
+    # 16-bit grey scaled down to 8 bits, not clipped at 255; RGBA without its alpha.
+    sys.path.insert(0, str(REPO / "export"))
+    import client
+
+    from pit_keras.data import images
+
+    grey = np.tile(np.linspace(0, 65535, 64).astype(np.uint16), (8, 1))
+    Image.fromarray(grey).save(tmp_path / "grey16.png")
+    rgba = np.random.default_rng(0).integers(0, 256, (8, 64, 4)).astype(np.uint8)
+    Image.fromarray(rgba).save(tmp_path / "rgba.png")
+    for name in ("grey16.png", "rgba.png"):
+        np.testing.assert_array_equal(client.read_rgb(tmp_path / name), images.read_image(str(tmp_path / name)))
+    assert len(np.unique(client.read_rgb(tmp_path / "grey16.png"))) == 64

@@ -197,6 +197,27 @@ def test_a_runs_results_for_the_best_checkpoint_or_another_target_keep_the_train
         os.path.join("run", "eval_test_folder_camera.json")
 
 
+def test_a_deployed_models_classes_come_from_its_outputs_where_its_metadata_disagrees(tmp_path):
+    import json
+
+    from pit_keras.data import classes
+    from pit_keras.deploy import predictors
+
+    lone = tmp_path / "lone" / "model.tflite"  # copied out of its export folder: no metadata.json above it
+    lone.parent.mkdir()
+    assert predictors.class_set_of(str(lone), 16) is classes.SYNTHIA16
+    assert predictors.class_set_of(str(lone), 19) is classes.CITYSCAPES19
+    assert predictors.class_set_of(str(lone), None) is classes.CITYSCAPES19  # a labels output only: unknown
+    with pytest.raises(UserError, match="model.tflite: the model predicts 7 classes; pit_keras models predict 19 "
+                                        "or 16"):
+        predictors.class_set_of(str(lone), 7)
+    (tmp_path / "metadata.json").write_text(json.dumps({"class_set": "cityscapes19"}))  # another model's, above
+    assert predictors.class_set_of(str(lone), 16) is classes.SYNTHIA16
+    assert predictors.class_set_of(str(lone), None) is classes.CITYSCAPES19
+    (lone.parent / "metadata.json").write_text(json.dumps({"class_set": "synthia16"}))
+    assert predictors.class_set_of(str(lone), None) is classes.SYNTHIA16
+
+
 def test_deployed_results_are_written_beside_the_export_folder(tmp_path):
     export = tmp_path / "demo_export"
     (export / "saved_model" / "pit" / "1").mkdir(parents=True)

@@ -117,7 +117,9 @@ def benchmark(model_dir, export_dir, size, warmup, repeats, threads, max_images,
     class_set = config.classes
     pairs = reader = None
     if with_miou:
-        pairs, reader, _ = datasets.target_pairs(config.target, config.target_root, "val", require_labels=True)
+        pairs, reader, _ = datasets.target_pairs(config.target, config.target_root, "val", require_labels=True,
+                                                 num_classes=config.num_classes,
+                                                 benchmark_seed=config.benchmark_seed)
         pairs = pairs[:max_images] if max_images else pairs
     image = np.random.default_rng(0).integers(0, 256, (size[1], size[0], 3), dtype=np.uint8)
     target_size = config.target_size

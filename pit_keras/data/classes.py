@@ -104,6 +104,13 @@ def train19_to_train16():
     return lut
 
 
+def train16_to_train19():
+    """`[256]` uint8 look-up table: 16-class train id -> the class's 19-class (Cityscapes) train id."""
+    lut = np.full(256, IGNORE_INDEX, np.uint8)
+    lut[: len(SYNTHIA16_TRAIN_IDS)] = SYNTHIA16_TRAIN_IDS
+    return lut
+
+
 def label_id_palette():
     """Flat 768-entry palette of the label ids, as GTA5's palette PNGs store it."""
     flat = np.zeros((256, 3), np.uint8)

@@ -90,7 +90,8 @@ def write_saved_model(segmenter, function, input_spec, path):
 
 
 def calibration_images(config, input_size, count):
-    """Up to `count` target training images of the run at `input_size`, as uint8 `[1, H, W, 3]` arrays.
+    """Up to `count` target training images of the run at `input_size`, as uint8 `[1, H, W, 3]` arrays, spread
+    evenly over its list of them.
 
     Full-integer quantization fixes each activation's range from these, so they come from the domain the
     model is deployed on (the target), not the source.
@@ -101,9 +102,12 @@ def calibration_images(config, input_size, count):
     import tensorflow as tf
     from pit_keras.data import datasets, pipeline
 
-    pairs, _, _ = datasets.target_pairs(config.target, config.target_root, "train")
+    pairs, _, _ = datasets.target_pairs(config.target, config.target_root, "train",
+                                        benchmark_seed=config.benchmark_seed)
+    # Spread over the whole list (sorted by path, so Cityscapes' first hundred are all Aachen's).
+    chosen = [pairs[i * len(pairs) // count] for i in range(count)] if len(pairs) > count else pairs
     images = []
-    for path, _ in pairs[:count]:
+    for path, _ in chosen:
         image = pipeline.load_image(path, input_size)
         images.append(tf.cast(tf.round(image), tf.uint8).numpy()[None])
     return images

@@ -103,14 +103,15 @@ class SavedModelPredictor(Predictor):
 
     kind = "saved_model"
 
-    def __init__(self, path, class_set):
+    def __init__(self, path, class_set=None):
         import tensorflow as tf
 
-        super().__init__(class_set)
         signatures = tf.saved_model.load(path).signatures
         if "serving_default" not in signatures:
             raise UserError(f"{path}: the SavedModel has no serving_default signature (not a pit_keras export?).")
         self.signature = signatures["serving_default"]
+        probabilities = self.signature.structured_outputs.get("probabilities")
+        super().__init__(class_set or class_set_of(path, probabilities is not None and probabilities.shape[-1]))
 
     def __call__(self, image):
         return self.signature(images=image[None])["labels"][0].numpy()
@@ -127,10 +128,9 @@ class TFLitePredictor(Predictor):
 
     kind = "tflite"
 
-    def __init__(self, path, class_set, num_threads=None, xnnpack=True):
+    def __init__(self, path, class_set=None, num_threads=None, xnnpack=True):
         from ai_edge_litert.interpreter import Interpreter, OpResolverType
 
-        super().__init__(class_set)
         resolver = OpResolverType.AUTO if xnnpack else OpResolverType.BUILTIN_WITHOUT_DEFAULT_DELEGATES
         try:
             with console.quiet_stderr():  # LiteRT's "Created TensorFlow Lite XNNPACK delegate" line
@@ -143,7 +143,10 @@ class TFLitePredictor(Predictor):
         details = self.runner.get_input_details()["images"]
         self.input_height, self.input_width = (int(d) for d in details["shape"][1:3])
         self.input_dtype = details["dtype"]
-        self.outputs = set(self.runner.get_output_details())
+        outputs = self.runner.get_output_details()
+        self.outputs = set(outputs)
+        scores = outputs.get("logits", outputs.get("probabilities"))
+        super().__init__(class_set or class_set_of(path, scores is not None and int(scores["shape"][-1])))
 
     def run(self, image):
         """Runs the model on an image already at its input size; returns the dict of outputs (batch of 1)."""
@@ -180,7 +183,7 @@ def load_predictor(path, num_threads=None, xnnpack=True):
         UserError: if the path is none of these.
     """
     if os.path.isfile(path) and path.endswith(".tflite"):
-        return TFLitePredictor(path, _class_set_of(path), num_threads=num_threads, xnnpack=xnnpack)
+        return TFLitePredictor(path, num_threads=num_threads, xnnpack=xnnpack)
     if os.path.isfile(os.path.join(path, runs.RUN_FILE)):
         return KerasPredictor(path)
     saved_model = path
@@ -190,20 +193,37 @@ def load_predictor(path, num_threads=None, xnnpack=True):
         if versions:
             saved_model = os.path.join(versions_dir, max(versions, key=int))
     if os.path.isfile(os.path.join(saved_model, "saved_model.pb")):
-        return SavedModelPredictor(saved_model, _class_set_of(saved_model))
+        return SavedModelPredictor(saved_model)
     raise UserError(f"--model={path}: not a training run folder, a SavedModel, an export folder or a .tflite file.")
 
 
-def _class_set_of(path):
+def class_set_of(path, num_classes=None):
+    """The label space of an exported model at `path` that predicts `num_classes` classes (None or False:
+    unknown, as for a model with a labels output only): its export's `metadata.json`, unless that names
+    another number of classes (a model copied out of its export folder, beside another's); else the class set
+    of that many classes; else Cityscapes' 19.
+
+    Raises:
+        UserError: for a number of classes no class set has.
+    """
     metadata = find_metadata(path)
-    if metadata is None:
+    if metadata is not None:
+        named = classes.CLASS_SETS[metadata["class_set"]]
+        if not num_classes or len(named.names) == num_classes:
+            return named
+    if not num_classes:
         return classes.CITYSCAPES19
-    return classes.CLASS_SETS[metadata["class_set"]]
+    if num_classes not in classes.CLASS_SETS_BY_COUNT:
+        raise UserError(f"{path}: the model predicts {num_classes} classes; pit_keras models predict "
+                        f"{' or '.join(str(n) for n in sorted(classes.CLASS_SETS_BY_COUNT, reverse=True))}.")
+    return classes.CLASS_SETS_BY_COUNT[num_classes]
 
 
 def predict_files(predictor, images, output_dir, alpha=0.5, progress=True, names=None):
-    """Writes `NAME_labelTrainIds.png` (8-bit train ids) and `NAME_overlay.png` (palette colours over the
-    image) into `output_dir` for each image, going on past images that cannot be read.
+    """Writes `NAME_labelTrainIds.png` (8-bit Cityscapes train ids, 255 for none; a 16-class SYNTHIA model's
+    classes as their Cityscapes ids, so `evaluate --predictions_dir` reads them by default) and `NAME_overlay.png`
+    (palette colours over the image) into `output_dir` for each image, going on past images that cannot be
+    read.
 
     Args:
         predictor: a `Predictor`.
@@ -237,11 +257,13 @@ def predict_files(predictor, images, output_dir, alpha=0.5, progress=True, names
             console.message(f"skipped {err}" if str(err).startswith(path) else f"skipped {path}: {err}")
         else:
             labels = np.asarray(predictor(image)).astype(np.uint8)
+            if predictor.class_set is classes.SYNTHIA16:  # written as Cityscapes train ids, as the name says
+                labels = classes.train16_to_train19()[labels]
             name = (names or {}).get(path) or os.path.splitext(os.path.basename(path))[0]
             label_path, overlay_path = (os.path.join(output_dir, name + suffix) for suffix in OUTPUT_SUFFIXES)
             os.makedirs(os.path.dirname(label_path), exist_ok=True)
             atomic.atomic_write(label_path, lambda tmp: Image.fromarray(labels).save(tmp, format="PNG"))
-            colours = visualize.overlay(image, visualize.colorize(labels, predictor.class_set), alpha)
+            colours = visualize.overlay(image, visualize.colorize(labels, classes.CITYSCAPES19), alpha)
             atomic.atomic_write(overlay_path, lambda tmp: Image.fromarray(colours).save(tmp, format="PNG"))
             written += [label_path, overlay_path]
             seconds.append(time.perf_counter() - start)

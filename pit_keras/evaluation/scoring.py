@@ -6,6 +6,7 @@ Predictions are compared at label resolution: a network's logits are upsampled b
 saved predictions must already have the label's size. Scoring saved predictions needs numpy and Pillow only.
 """
 
+import collections
 import dataclasses
 import os
 import sys
@@ -17,7 +18,10 @@ from pit_keras.evaluation import metrics
 from pit_keras.data import classes
 from pit_keras.data import folder as folder_layout
 from pit_keras.data.cityscapes import IMAGE_SUFFIX
+from pit_keras.data.images import OUTPUT_SUFFIXES
 from pit_keras.errors import UserError
+
+OVERLAY_SUFFIX = OUTPUT_SUFFIXES[1]  # predict's colour overlays, beside its label PNGs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -144,7 +148,9 @@ def find_predictions(pairs, predictions_dir, image_dir=None):
     For `ROOT/leftImg8bit/SPLIT/CITY/NAME_leftImg8bit.png` the prediction is `PRED/CITY/NAME_leftImg8bit.png`
     if that file exists; otherwise it is the one `.png` anywhere under PRED whose name starts with NAME
     (`CITY_SSSSSS_FFFFFF`) followed by a non-alphanumeric character or nothing. For an image of a folder layout
-    (`image_dir/REL/NAME.jpg`) `PRED/REL/NAME.png` and `PRED/REL/NAME_labelTrainIds.png` are tried first.
+    (`image_dir/REL/NAME.jpg`) `PRED/REL/NAME.png` and `PRED/REL/NAME_labelTrainIds.png` are tried first; a
+    NAME that more than one sub-folder holds is then looked for in PRED/REL only (another's prediction would
+    score it). `predict`'s colour overlays (`*_overlay.png`) are never predictions.
 
     Args:
         pairs: (image path, label path) pairs of a Cityscapes-layout split, or of a folder layout.
@@ -161,32 +167,41 @@ def find_predictions(pairs, predictions_dir, image_dir=None):
         raise UserError(f"--predictions_dir={predictions_dir}: no such folder.")
     candidates = None
     found, missing = [], []
+    counts = collections.Counter(_stem(os.path.basename(image)) for image, _ in pairs)
+    repeated = {stem for stem, count in counts.items() if count > 1} if image_dir is not None else set()
     for image, _ in pairs:
         name = os.path.basename(image)
         mirror = os.path.join(predictions_dir, os.path.basename(os.path.dirname(image)), name)
+        stem = _stem(name)
+        scope = None  # where the prefix match looks: anywhere under PRED, or PRED/REL for a repeated name
         if image_dir is not None:
             mirrors = folder_layout.prediction_candidates(image, image_dir, predictions_dir)
             mirror = next((path for path in mirrors if os.path.isfile(path)), mirrors[0])
+            scope = os.path.dirname(mirrors[0]) if stem in repeated else None
         if os.path.isfile(mirror):
             found.append(mirror)
             continue
         if candidates is None:  # walked once, and only when some prediction is not at its mirrored path
             candidates = sorted(os.path.join(folder, f) for folder, _, files in os.walk(predictions_dir)
-                                for f in files if f.lower().endswith(".png"))
-        stem = name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else os.path.splitext(name)[0]
-        matches = [path for path in candidates if _starts_with_stem(os.path.basename(path), stem)]
+                                for f in files if f.lower().endswith(".png") and not f.endswith(OVERLAY_SUFFIX))
+        matches = [path for path in candidates if _starts_with_stem(os.path.basename(path), stem)
+                   and scope in (None, os.path.dirname(path))]
         if len(matches) > 1:
             raise UserError(f"{image} has {len(matches)} predictions under {predictions_dir} "
                             f"({', '.join(matches[:3])}{', ...' if len(matches) > 3 else ''}); keep one.")
         if matches:
             found.append(matches[0])
         else:
-            missing.append((image, mirror, stem))
+            missing.append((image, mirror, stem, scope or predictions_dir))
     if missing:
-        image, mirror, stem = missing[0]
+        image, mirror, stem, where = missing[0]
         raise UserError(f"{image} has no prediction: expected {mirror} or one {stem}*.png under "
-                        f"{predictions_dir} ({len(missing)} of {len(pairs)} images have none).")
+                        f"{where} ({len(missing)} of {len(pairs)} images have none).")
     return found
+
+
+def _stem(name):
+    return name[: -len(IMAGE_SUFFIX)] if name.endswith(IMAGE_SUFFIX) else os.path.splitext(name)[0]
 
 
 def read_prediction(path, label_shape, num_classes):
