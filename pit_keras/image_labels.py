@@ -55,7 +55,7 @@ def parse_config():
             raise UserError(f"--features_weights does not apply to --features={FLAGS.features} (the run's "
                             "checkpoint is used).")
         run = runs.read_config(FLAGS.model_dir)
-    (source, source_root), (target, target_root) = _dataset("source", run), _dataset("target", run)
+    (source, source_root, seed), (target, target_root, _) = _dataset("source", run), _dataset("target", run)
     label_map = FLAGS.label_map
     if run is not None and source == run.source and not FLAGS["label_map"].present:
         label_map = run.label_map
@@ -66,7 +66,7 @@ def parse_config():
     return {
         "source": source, "source_root": source_root,
         "label_map": label_map and os.path.abspath(os.path.expanduser(label_map)),
-        "target": target, "target_root": target_root,
+        "target": target, "target_root": target_root, "benchmark_seed": seed,
         "num_classes": 16 if source == "synthia" else 19,
         "features": FLAGS.features, "features_weights": weights,
         "image_size": pit_flags.parse_size("image_size", FLAGS.image_size), "epochs": FLAGS.epochs,
@@ -77,12 +77,12 @@ def parse_config():
 
 
 def _dataset(domain, run):
-    """(dataset, root) of `domain` ("source" or "target"): the flags, or with a run's config (`--model_dir`) the
-    run's own dataset and root where the flags do not name them (`flags.dataset_and_root`, as `evaluate` does)."""
+    """(dataset, root, benchmark seed) of `domain` ("source" or "target"): the flags, or with a run's config
+    (`--model_dir`) the run's own dataset, root and seed where the flags do not name them
+    (`flags.dataset_and_root`, as `evaluate` does)."""
     given = {name for name in (domain, f"{domain}_root", "benchmark_seed") if FLAGS[name].present}
-    dataset, root, _ = pit_flags.dataset_and_root(domain, FLAGS[domain].value, FLAGS[f"{domain}_root"].value,
-                                                  FLAGS.benchmark_seed, given, run)
-    return dataset, root
+    return pit_flags.dataset_and_root(domain, FLAGS[domain].value, FLAGS[f"{domain}_root"].value,
+                                      FLAGS.benchmark_seed, given, run)
 
 
 def main(argv):
@@ -90,11 +90,17 @@ def main(argv):
         raise UserError(f"unexpected argument {argv[1]!r} (flags are written --name=value).")
     config = parse_config()
     output = os.path.expanduser(FLAGS.output)
-    os.makedirs(os.path.dirname(os.path.abspath(output)), exist_ok=True)
+    folder = os.path.dirname(os.path.abspath(output))  # made once the labels are estimated
+    existing = folder
+    while not os.path.exists(existing):
+        existing = os.path.dirname(existing)
+    if not os.path.isdir(existing):
+        raise UserError(f"--output={FLAGS.output}: {existing} is a file, so the folder cannot be made.")
     from pit_keras.adaptation import features, regressor
     from pit_keras.adaptation import soft_labels
 
     result = regressor.estimate_target_labels(**config)
+    os.makedirs(folder, exist_ok=True)
     soft_labels.write_json(output, result["keys"], result["labels"])
     origin = (f"predicted by {config['model_dir']}" if config["features"] in (features.PREDICTION_FEATURES,
                                                                                features.SOFT_PREDICTION_FEATURES)

@@ -410,3 +410,19 @@ def test_rest_client_reads_images_as_predict_does(tmp_path):
     for name in ("grey16.png", "rgba.png"):
         np.testing.assert_array_equal(client.read_rgb(tmp_path / name), images.read_image(str(tmp_path / name)))
     assert len(np.unique(client.read_rgb(tmp_path / "grey16.png"))) == 64
+
+
+def test_a_refused_export_leaves_no_folder_behind(model_dir, tmp_path):
+    # The int8 calibration finds no target images (the run's target root is gone): the export's new parent
+    # folders go with it.
+    from pit_keras.deploy import exporting
+    from pit_keras.errors import UserError
+
+    run = tmp_path / "run"
+    shutil.copytree(model_dir, run)
+    config = json.loads((run / "run.json").read_text())
+    config["target_root"] = str(tmp_path / "gone")
+    (run / "run.json").write_text(json.dumps(config))
+    with pytest.raises(UserError, match="gone"):
+        exporting.export(str(run), str(tmp_path / "new" / "a" / "export"), formats=("int8",))
+    assert sorted(os.listdir(tmp_path)) == ["run"]

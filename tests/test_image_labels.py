@@ -179,6 +179,10 @@ def test_cli_writes_target_labels_and_reports_distances(tiny_benchmark, tmp_path
     bad = run_in_process("image_labels", *args[:-1], f"--output={tmp_path}")
     assert bad.returncode == 2 and "is a folder; name the JSON file" in bad.stderr.strip().splitlines()[-1]
     assert "Traceback" not in bad.stderr
+    # A refused start makes no folder for its output.
+    bad = run_in_process("image_labels", *args[:-1], f"--output={tmp_path / 'new' / 'sub' / 'labels.json'}",
+                         f"--source_root={tmp_path / 'nowhere'}")
+    assert bad.returncode == 2 and not (tmp_path / "new").exists(), bad.stderr
 
 
 def test_cli_with_predicted_shares_of_a_trained_run(tiny_benchmark, tmp_path):
@@ -391,3 +395,28 @@ def test_cli_with_adabn_pyramid_features_of_all_stages(tiny_run, tiny_benchmark,
     assert result.returncode == 0, result.stderr[-2000:]
     assert result.stdout.count("computed and cached features (368 dimensions)") == 2
     assert len(json.loads(output.read_text())) == 6 and "source-mean prior" in result.stdout
+
+
+def test_the_benchmark_seed_reaches_the_data_the_estimate_reads(monkeypatch):
+    # --benchmark_seed=1 on a fresh cache must generate (and read) that seed's benchmark, as train does.
+    from pit_keras.adaptation import regressor
+    from pit_keras.data import datasets
+
+    seen = {}
+
+    class Read(Exception):
+        pass
+
+    def source_pairs(name, root, benchmark_seed=None, label_map=None):
+        seen["source"] = benchmark_seed
+        return [], None
+
+    def target_pairs(name, root, split, require_labels=False, num_classes=19, benchmark_seed=None):
+        seen["target"] = benchmark_seed
+        raise Read
+
+    monkeypatch.setattr(datasets, "source_pairs", source_pairs)
+    monkeypatch.setattr(datasets, "target_pairs", target_pairs)
+    with pytest.raises(Read):
+        regressor.estimate_target_labels("synthetic", "root", "synthetic", "root", 19, benchmark_seed=1)
+    assert seen == {"source": 1, "target": 1}

@@ -151,20 +151,21 @@ def predicted_shares(model_dir, image_paths, num_classes, batch_size=FEATURE_BAT
 def estimate_target_labels(source, source_root, target, target_root, num_classes, features=DEFAULT_FEATURES,
                            features_weights="imagenet", image_size=(512, 256), epochs=100, model_dir=None,
                            cache_dir=None, seed=0, progress=True, feature_alignment="none", feature_pooling="global",
-                           feature_stages="last", label_map=None):
+                           feature_stages="last", label_map=None, benchmark_seed=None):
     """The whole estimate: features of source and target training images, the regressor, its target output.
     `feature_alignment` (a `FEATURE_ALIGNMENTS` value) is applied while and after the features are computed
     (`alignment_steps`); `feature_pooling` and `feature_stages` choose backbone features (`feature_extractor`).
-    `label_map` (a JSON path) maps the raw ids of a `folder` source's labels to train ids (`--label_map`).
+    `label_map` (a JSON path) maps the raw ids of a `folder` source's labels to train ids (`--label_map`);
+    `benchmark_seed` is the embedded benchmark's generator seed (`--benchmark_seed`).
 
     Returns:
         A dict: `keys` (target image paths relative to the target root, the JSON keys), `labels` (`[N, C]`),
         `report` (chi-squared and L1 distances to the target truth of the regressor, the source-mean prior and
         the uniform prior, over the target images that have labels; None if none has), and counts.
     """
-    source_pairs, source_reader = datasets.source_pairs(source, source_root, label_map=label_map)
-    target_pairs, target_reader, root = datasets.target_pairs(target, target_root, "train",
-                                                              num_classes=num_classes)
+    source_pairs, source_reader = datasets.source_pairs(source, source_root, benchmark_seed, label_map=label_map)
+    target_pairs, target_reader, root = datasets.target_pairs(target, target_root, "train", num_classes=num_classes,
+                                                              benchmark_seed=benchmark_seed)
     shares = source_shares(source_pairs, source_reader, num_classes)
     predicted = features in (PREDICTION_FEATURES, SOFT_PREDICTION_FEATURES)
     soft = features == SOFT_PREDICTION_FEATURES
