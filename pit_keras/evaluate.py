@@ -119,7 +119,7 @@ def score_deployed(path):
     from pit_keras.deploy import predictors
     from pit_keras.evaluation import metrics
 
-    predictor = predictors.load_predictor(path)
+    predictor = predictors.load_predictor(path, flag="tflite" if FLAGS.tflite else "saved_model")
     space = label_space(predictor.class_set.num_classes)
     result = metrics.summarize(scoring.predictor_confusion(predictor, pairs, reader, space), space.class_set)
     result["model"] = os.path.abspath(path)

@@ -254,6 +254,15 @@ def test_cli_errors_are_one_sentence(handmade, tmp_path, case, message):
     assert "Traceback" not in result.stderr
 
 
+def test_cli_names_its_own_flag_for_a_path_that_is_no_model(handmade, tmp_path):
+    (tmp_path / "notes.txt").write_text("notes")
+    result = run(f"--tflite={tmp_path / 'notes.txt'}", f"--target_root={handmade}")
+    assert result.returncode == 2
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: --tflite={tmp_path / 'notes.txt'}: not a training run folder, a SavedModel, an export folder or "
+        "a .tflite file.")
+
+
 def test_cli_model_dir_maps_a_19_class_run_into_13_classes(handmade, tmp_path):
     import tensorflow as tf
 

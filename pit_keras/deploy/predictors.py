@@ -170,7 +170,7 @@ class TFLitePredictor(Predictor):
         return np.argmax(scores[0], axis=-1).astype(np.int32)
 
 
-def load_predictor(path, num_threads=None, xnnpack=True):
+def load_predictor(path, num_threads=None, xnnpack=True, flag="model"):
     """The predictor of a model path.
 
     Args:
@@ -178,6 +178,7 @@ def load_predictor(path, num_threads=None, xnnpack=True):
             folder (its newest `saved_model/pit/VERSION/` is used) or a `.tflite` file.
         num_threads: LiteRT interpreter threads (None: its default).
         xnnpack: run `.tflite` models with LiteRT's default XNNPACK delegate (False: its builtin kernels only).
+        flag: the command's flag that named `path`, for the error.
 
     Raises:
         UserError: if the path is none of these.
@@ -194,7 +195,8 @@ def load_predictor(path, num_threads=None, xnnpack=True):
             saved_model = os.path.join(versions_dir, max(versions, key=int))
     if os.path.isfile(os.path.join(saved_model, "saved_model.pb")):
         return SavedModelPredictor(saved_model)
-    raise UserError(f"--model={path}: not a training run folder, a SavedModel, an export folder or a .tflite file.")
+    raise UserError(f"--{flag}={path}: not a training run folder, a SavedModel, an export folder or a .tflite "
+                    "file.")
 
 
 def class_set_of(path, num_classes=None):
