@@ -113,6 +113,16 @@ def replace_folder(new, destination):
     shutil.rmtree(old)
 
 
+def missing_folders(folder):
+    """`(outermost, existing)`: the outermost of `folder` and its parents that does not exist yet (the first
+    folder `os.makedirs(folder)` would create, whose removal undoes it; None if `folder` exists), and the
+    nearest of them that does exist."""
+    folder, outermost = os.path.abspath(folder), None
+    while not os.path.exists(folder):
+        outermost, folder = folder, os.path.dirname(folder)
+    return outermost, folder
+
+
 def staging_prefix(name):
     """The name of the hidden folder beside `name` that a whole new `name` is built in, up to the building
     process's id and a random token: `.NAME.partial-HOST-PID-TOKEN`. HOST is the host name and, on Linux, the

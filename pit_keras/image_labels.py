@@ -19,6 +19,7 @@ import os
 
 from absl import flags
 
+from pit_keras import atomic
 from pit_keras import flags as pit_flags
 from pit_keras import runs
 from pit_keras.errors import UserError, run_main
@@ -91,9 +92,7 @@ def main(argv):
     config = parse_config()
     output = os.path.expanduser(FLAGS.output)
     folder = os.path.dirname(os.path.abspath(output))  # made once the labels are estimated
-    existing = folder
-    while not os.path.exists(existing):
-        existing = os.path.dirname(existing)
+    _, existing = atomic.missing_folders(folder)
     if not os.path.isdir(existing):
         raise UserError(f"--output={FLAGS.output}: {existing} is a file, so the folder cannot be made.")
     from pit_keras.adaptation import features, regressor

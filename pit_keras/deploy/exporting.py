@@ -329,10 +329,7 @@ def export(model_dir, output_dir, tflite_size=None, calibration_count=100, forma
     segmenter, config, checkpoint = predictors.load_segmenter(model_dir, aspp_implementation="conv")
     tflite_size = tuple(tflite_size or config.target_size)
     parent, name = os.path.split(output_dir)
-    made = parent  # the outermost folder this export creates, removed again if it fails
-    while not os.path.exists(os.path.dirname(made)):
-        made = os.path.dirname(made)
-    made = None if os.path.exists(made) else made
+    made, _ = atomic.missing_folders(parent)  # removed again if the export fails
     os.makedirs(parent, exist_ok=True)
     staging = atomic.staging_folder(parent, name, "an export", log)
     try:

@@ -250,6 +250,8 @@ def predict_files(predictor, images, output_dir, alpha=0.5, progress=True, names
     if progress and len(images) > 1:
         line = console.ProgressLine(len(images), "image", every=max(10, -(-len(images) // 10)))
     written, failed, seconds = [], [], []
+    # A 16-class SYNTHIA model's ids written as their Cityscapes train ids, as the file name says.
+    to_cityscapes = classes.train16_to_train19() if predictor.class_set is classes.SYNTHIA16 else None
     for index, path in enumerate(images, start=1):
         start = time.perf_counter()
         try:
@@ -259,8 +261,8 @@ def predict_files(predictor, images, output_dir, alpha=0.5, progress=True, names
             console.message(f"skipped {err}" if str(err).startswith(path) else f"skipped {path}: {err}")
         else:
             labels = np.asarray(predictor(image)).astype(np.uint8)
-            if predictor.class_set is classes.SYNTHIA16:  # written as Cityscapes train ids, as the name says
-                labels = classes.train16_to_train19()[labels]
+            if to_cityscapes is not None:
+                labels = to_cityscapes[labels]
             name = (names or {}).get(path) or os.path.splitext(os.path.basename(path))[0]
             label_path, overlay_path = (os.path.join(output_dir, name + suffix) for suffix in OUTPUT_SUFFIXES)
             os.makedirs(os.path.dirname(label_path), exist_ok=True)

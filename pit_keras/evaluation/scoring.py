@@ -167,8 +167,10 @@ def find_predictions(pairs, predictions_dir, image_dir=None):
         raise UserError(f"--predictions_dir={predictions_dir}: no such folder.")
     candidates = None
     found, missing = [], []
-    counts = collections.Counter(_stem(os.path.basename(image)) for image, _ in pairs)
-    repeated = {stem for stem, count in counts.items() if count > 1} if image_dir is not None else set()
+    repeated = set()  # names that several sub-folders of a folder layout hold
+    if image_dir is not None:
+        counts = collections.Counter(_stem(os.path.basename(image)) for image, _ in pairs)
+        repeated = {stem for stem, count in counts.items() if count > 1}
     for image, _ in pairs:
         name = os.path.basename(image)
         mirror = os.path.join(predictions_dir, os.path.basename(os.path.dirname(image)), name)
