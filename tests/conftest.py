@@ -64,22 +64,9 @@ def _set_up_tensorflow():
     if USER_ONEDNN is None:
         del os.environ["TF_ENABLE_ONEDNN_OPTS"]
     _without_autotune()
-    _one_thread_per_op()
     # Two logical CPU devices, made before TensorFlow starts: the mirrored-strategy tests run in-process on
     # "/cpu:0" and "/cpu:1"; everything else runs on the first, as it would alone.
     distribute.configure_cpu_replicas(2)
-
-
-def _one_thread_per_op():
-    """Each TensorFlow op of a test process runs on one thread (intra-op parallelism 1; ops still run side by
-    side). The two xdist workers already keep both cores busy, and the tests' ops are tiny: splitting each over
-    threads that wait on one another costs more CPU than it saves (measured on 2 cores: tests/test_trainer.py
-    with test_method.py in one process 88.6 -> 69.5 s of CPU; the default run 493 -> 424 s of CPU, 258 -> 220 s
-    of wall time). An op's result is the same up to the order of a sum; the commands the tests start in
-    processes of their own run with TensorFlow's default, as users run them."""
-    import tensorflow as tf
-
-    tf.config.threading.set_intra_op_parallelism_threads(1)
 
 
 def _without_autotune():
