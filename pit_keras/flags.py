@@ -150,12 +150,12 @@ def define_train_flags():
                       "Keras dtype policy; losses stay in float32, mixed_float16 scales the loss. On CPUs "
                       "(docs/performance.md): mixed_bfloat16 makes DeepLab-v2 steps ~1.5x faster on CPUs with "
                       "AVX512_BF16 but small backbones no faster or slower; mixed_float16 is for GPUs only "
-                      "(1.5-4.3x slower on these CPUs).")
+                      "(1.9-4.5x slower on these CPUs).")
     flags.DEFINE_boolean("jit_compile", False, "Compile the training step with XLA (for GPUs: on CPUs it made "
-                         "float32 steps 2.1-8.6x slower than TensorFlow's oneDNN kernels; docs/performance.md).")
+                         "float32 steps 1.8-6.9x slower than TensorFlow's oneDNN kernels; docs/performance.md).")
     flags.DEFINE_boolean("cache_images", False, "Keep every decoded training image in memory after its first "
                          "read (the same batches; for datasets that fit in RAM, e.g. the embedded benchmark: "
-                         "90 MB; docs/performance.md).")
+                         "about 130 MB; docs/performance.md).")
     flags.DEFINE_enum("aspp_implementation", "matmul", config.ASPP_IMPLEMENTATIONS,
                       "How DeepLab-v2's ASPP heads are computed (the same function and weights): one matrix "
                       "product and shifted sums (32% less time per DeepLab-v2 PIT step on CPUs, a third of the "
