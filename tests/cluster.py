@@ -1,6 +1,6 @@
 """Two worker processes on localhost under MultiWorkerMirroredStrategy, each a `runner.run` of the same config
 (`TF_CONFIG` names the cluster), for the distribution tests; conftest's `two_worker_run` is one such run shared by
-tests/test_distribute.py and tests/test_method.py."""
+the tests of tests/test_distribute.py. The workers know `--backbone=micro` (conftest.build_micro)."""
 
 import json
 import os
@@ -17,8 +17,13 @@ WORKER = textwrap.dedent("""
     import json, sys
     import numpy as np
     from pit_keras.config import RunConfig
+    from pit_keras.models import backbones
     from pit_keras.training import distribute
     from pit_keras.training import runner
+
+    sys.path.insert(0, "tests")
+    import conftest
+    backbones.BACKBONES["micro"] = conftest.micro_spec()  # this process is the test's alone
 
     strategy = distribute.make_strategy("multi_worker")
     config = RunConfig.from_json(json.loads(sys.argv[1]))

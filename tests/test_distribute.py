@@ -8,8 +8,9 @@
 
 The mirrored steps share one fixture and run eagerly (Keras' `run_eagerly`): what they check is the maths of one
 step (the reduction over replicas, the multipliers, the decay), the same traced or not (measured: the same
-differences and scales to 1e-6), and the fixture takes 8 s of CPU rather than 37 s of tracing. Traced steps under
-a strategy are checked where the tracing is the point: tests/test_self_training.py's mirrored steps (Keras' fit
+differences and scales to 1e-6), and the fixture took 8 s of CPU rather than 37 s of tracing with the tiny
+backbone. They and the two workers use the micro backbone (conftest.build_micro). Traced steps under a strategy
+are checked where the tracing is the point: tests/test_self_training.py's mirrored steps (Keras' fit
 under MirroredStrategy) and the two-worker run here (the custom loop under MultiWorkerMirroredStrategy,
 conftest.two_worker_run). The expensive mistake variant (a second two-worker run) is marked slow.
 """
@@ -23,7 +24,7 @@ import pytest
 import tensorflow as tf
 
 from cluster import load_weights, run_two_workers
-from conftest import REPO, TWO_WORKER_SETTINGS, expect, mirrored_strategy, run_config
+from conftest import REPO, TWO_WORKER_SETTINGS, expect, micro_backbone, mirrored_strategy, run_config
 from pit_keras.models.network import build_network, head_variables, interaction_weights
 from pit_keras.training import runner
 from pit_keras.training.trainer import PITTrainer
@@ -57,7 +58,7 @@ def mirrored_steps(config):
     def step(strategy, **overrides):
         with strategy.scope():
             keras.utils.set_random_seed(0)
-            network = build_network("tiny", C, 3)
+            network = build_network("micro", C, 3)
             trainer = runner.build_trainer(dataclasses.replace(config, **overrides), network)
             trainer.run_eagerly = True  # the module docstring says why
             if not initial:
@@ -86,7 +87,7 @@ def mirrored_steps(config):
     def zero_gradient_step():
         # Weight decay under the strategy: a zero-gradient step leaves the w^k alone, the rest shrinks.
         with strategy.scope():
-            network = build_network("tiny", C, 3)
+            network = build_network("micro", C, 3)
             trainer = runner.build_trainer(dataclasses.replace(config, weight_decay=0.05, learning_rate=0.1),
                                            network)
         w_before = interaction_weights(network).numpy()
@@ -125,7 +126,8 @@ def mirrored_steps(config):
 
 @pytest.fixture(scope="module")
 def mirrored():
-    return mirrored_steps(run_config(REPO, num_classes=C, learning_rate=0.01, momentum=0.0))
+    with micro_backbone():  # conftest.build_micro says why
+        return mirrored_steps(run_config(REPO, num_classes=C, learning_rate=0.01, momentum=0.0))
 
 
 @pytest.mark.parametrize("mistake", [None, "wrong_reduction"])
@@ -208,7 +210,8 @@ def test_two_workers_equal_one_process_fed_the_same_global_batches(two_worker_ru
         run_two_workers(config, folder, mistake)
     final = load_weights(folder / "w0.npz")
     initial = load_weights(folder / "w0.npz.initial.npz")
-    single = one_process_on_the_workers_batches(config, initial)
+    with micro_backbone():
+        single = one_process_on_the_workers_batches(config, initial)
     differences = [float(np.abs(f - s).max()) for f, s in zip(final, single, strict=True)]
     moved = max(float(np.abs(s - i).max()) for s, i in zip(single, initial))
     assert moved > 1e-3
