@@ -230,10 +230,12 @@ class ProgressLine:
         start, since = self._window
         if done > start and now > since:
             rate = (done - start) / (now - since)
-            # A window of less than a second is too noisy to replace the previous window's rate.
+            # A window of less than a second is too noisy to replace the previous window's rate; it goes on
+            # past the boundary until it spans a second (fast steps logged often would otherwise show the first
+            # window's rate for good).
             if self._previous_rate is None or now - since >= 1.0:
                 self._rate = rate
-            if boundary:
+            if boundary and (self._previous_rate is None or now - since >= 1.0):
                 self._previous_rate = self._rate
                 self._window = (done, now)
 

@@ -390,6 +390,29 @@ def test_progress_redraws_only_on_a_terminal_and_messages_start_their_own_line()
     assert terminal.getvalue().endswith("loss 0.2500\n")
 
 
+def test_the_rate_follows_fast_steps_over_windows_of_a_second(monkeypatch):
+    import io
+    import types
+
+    from pit_keras import console
+
+    # 40 steps a line; 50 steps/s up to step 80, then 100 steps/s: every line's window is under a second.
+    def at(step):
+        return step / 50 if step <= 80 else 80 / 50 + (step - 80) / 100
+
+    clock = {"now": 0.0}
+    monkeypatch.setattr(console, "time", types.SimpleNamespace(monotonic=lambda: clock["now"]))
+    out = io.StringIO()
+    line = console.ProgressLine(400, "step", every=40, stream=out, interactive=False)
+    for step in range(1, 401):
+        clock["now"] = at(step)
+        line.update(step)
+    rates = [float(text.split()[2]) for text in out.getvalue().splitlines()]
+    assert len(rates) == 10 and rates[0] == pytest.approx(50.0)
+    # The window goes on past a line until it spans a second: the rate then follows the faster steps.
+    assert rates[-1] == pytest.approx(100.0) and rates[2] == pytest.approx(80 / 1.2, rel=1e-3)
+
+
 def test_the_progress_callback_replaces_keras_epochs(capsys):
     model = keras.Sequential([keras.Input((1,)), keras.layers.Dense(1)])
     model.compile(optimizer="sgd", loss="mse", metrics=["mae"])
