@@ -101,11 +101,12 @@ def mirrored_strategy():
 
 
 def build_micro(weights=None):
-    """A backbone of one synchronized-BatchNorm convolution (output stride 8, like tiny's), for the tests of a
-    trainer under a distribution strategy: what they check (the reduction over replicas, the teacher's update,
-    the learning-rate multipliers, the workers' sync) does not depend on the backbone's depth, and each of the
-    tiny backbone's eight BatchNorm layers costs three all-reduces to trace per forward pass (measured: three
-    mirrored self-training steps 9.8 -> 3.6 s of CPU)."""
+    """A backbone of one synchronized-BatchNorm convolution (output stride 8, like tiny's), for tests whose
+    subject is not the backbone and whose cost is tracing or compiling its steps: a trainer under a distribution
+    strategy (the reduction over replicas, the teacher's update, the learning-rate multipliers, the workers'
+    sync), XLA's compiled step, the benchmark tool's report. Under a strategy each of the tiny backbone's eight
+    BatchNorm layers costs three all-reduces to trace per forward pass (measured: three mirrored self-training
+    steps 9.8 -> 3.6 s of CPU)."""
     import keras
 
     from pit_keras.models import backbones
