@@ -17,8 +17,10 @@ from conftest import CITYSCAPES_FRAME
 
 FRAME = CITYSCAPES_FRAME / "leftImg8bit" / "val" / "frankfurt" / "frankfurt_000000_000294_leftImg8bit.png"
 VARIANTS = ["float32", "float16", "dynamic_int8", "int8", "gpu_float16"]
-# Pixel agreement of MediaPipe's category mask with predict on the run folder.
-MIN_TASK_AGREEMENT = {"float32": 0.99, "float16": 0.99, "dynamic_int8": 0.99, "int8": 0.97, "gpu_float16": 0.99}
+# Pixel agreement of MediaPipe's category mask with predict on the run folder. The full-int8 model's moves with
+# rounding-level changes of the 60 training steps (measured: 98.68 %, and 96.54 % with TensorFlow's graph
+# optimiser off in the training process); a calibration on images at a quarter of their range gives 63.53 %.
+MIN_TASK_AGREEMENT = {"float32": 0.99, "float16": 0.99, "dynamic_int8": 0.99, "int8": 0.95, "gpu_float16": 0.99}
 
 mediapipe = pytest.importorskip("mediapipe", reason='MediaPipe tests need pip install -e ".[deploy]"')
 
