@@ -1,7 +1,9 @@
-"""The package's layout: only the five commands read flags (the library takes values as arguments), and no
-module is over 400 lines."""
+"""The package's layout: only the five commands read flags (the library takes values as arguments), no module
+is over 400 lines, and README's Layout section names every module and folder."""
 
 import ast
+import re
+import subprocess
 
 import pytest
 
@@ -71,3 +73,28 @@ def test_no_module_is_over_400_lines():
     long = {path.relative_to(PACKAGE).as_posix(): count for path in modules()
             if (count := len(path.read_text().splitlines())) > MAX_LINES}
     assert not long, f"modules over {MAX_LINES} lines (split them by job): {long}"
+
+
+def readme_layout():
+    """The code block of README's Layout section."""
+    text = (REPO / "README.md").read_text()
+    section = text.split("\n## Layout\n", 1)[1].split("\n## ", 1)[0]
+    return section.split("```", 2)[1]
+
+
+def test_the_readme_layout_names_every_module_and_folder_and_nothing_else():
+    layout = readme_layout()
+    package_part = layout.split("\nflags/", 1)[0]
+    files = {path.relative_to(PACKAGE) for path in modules() if path.name != "__init__.py"}
+    unnamed = sorted(str(f) for f in files if not re.search(rf"(?<![\w/]){re.escape(f.name)}\b", package_part))
+    assert not unnamed, f"README's Layout does not name: {unnamed}"
+    named = set(re.findall(r"(?<![\w/])(\w+\.py)\b", package_part))
+    assert named - {f.name for f in files} == set(), "README's Layout names modules that do not exist"
+    folders = {f.parent.as_posix() for f in files} - {"."}
+    assert {f"{name}/" for name in folders} == set(re.findall(r"^  (\w+/)", package_part, re.M))
+    named_top = set(re.findall(r"^(\w+)/", layout, re.M))
+    assert all((REPO / name).is_dir() for name in named_top), named_top
+    if (REPO / ".git").exists():  # the repository's own top-level folders: those of the files git tracks
+        tracked = subprocess.run(["git", "ls-files"], cwd=REPO, capture_output=True, text=True, check=True).stdout
+        top = {line.split("/", 1)[0] for line in tracked.splitlines() if "/" in line and not line.startswith(".")}
+        assert top == named_top, top
