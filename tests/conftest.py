@@ -123,7 +123,7 @@ def micro_spec():
     from pit_keras.models import backbones
 
     return dataclasses.replace(backbones.BACKBONES["tiny"], name="micro", build=build_micro,
-                               description="one convolution, for the distribution tests")
+                               description="one convolution, for tests whose subject is not the backbone")
 
 
 @contextlib.contextmanager
