@@ -140,9 +140,9 @@ def micro_backbone():
 # The test files that take longest (by `--durations=0` on 2 cores), heaviest first. xdist hands a worker a
 # whole file at a time in collection order (setup.cfg: `--dist loadfile --no-loadscope-reorder`), so the long files
 # start first and the short ones fill in at the end, and neither worker is left running a long file alone.
-LONGEST_FIRST = ["test_reliability.py", "test_distribute.py", "test_method.py", "test_backbones.py",
-                 "test_benchmark.py", "test_trainer.py", "test_export.py", "test_self_training.py", "test_deploy.py",
-                 "test_demo.py"]
+LONGEST_FIRST = ["test_reliability.py", "test_distribute.py", "test_backbones.py", "test_method.py",
+                 "test_benchmark.py", "test_export.py", "test_cli.py", "test_trainer.py", "test_deploy.py",
+                 "test_image_labels.py", "test_demo.py"]
 
 
 def pytest_collection_modifyitems(items):
