@@ -104,9 +104,9 @@ def build_micro(weights=None):
     """A backbone of one synchronized-BatchNorm convolution (output stride 8, like tiny's), for tests whose
     subject is not the backbone and whose cost is tracing or compiling its steps: a trainer under a distribution
     strategy (the reduction over replicas, the teacher's update, the learning-rate multipliers, the workers'
-    sync), XLA's compiled step, the benchmark tool's report. Under a strategy each of the tiny backbone's eight
-    BatchNorm layers costs three all-reduces to trace per forward pass (measured: three mirrored self-training
-    steps 9.8 -> 3.6 s of CPU)."""
+    sync), XLA's compiled step, which checkpoint `--eval_every` keeps, the benchmark tool's report. Under a
+    strategy each of the tiny backbone's eight BatchNorm layers costs three all-reduces to trace per forward
+    pass (measured: three mirrored self-training steps 9.8 -> 3.6 s of CPU)."""
     import keras
 
     from pit_keras.models import backbones
