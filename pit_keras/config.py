@@ -20,6 +20,10 @@ from pit_keras.errors import UserError
 SOURCES = ("gta5", "synthia", "synthetic", "folder")
 TARGETS = ("cityscapes", "synthetic", "folder")
 METHODS = ("pit", "source_only", "minent")
+# The built-in backbones (models/backbones.py's BACKBONES, which a test keeps equal): the train command's
+# --backbone takes one of them, checked with the flags, before TensorFlow loads. Code that registers a backbone
+# of its own builds RunConfig and runs the library itself.
+BACKBONE_NAMES = ("tiny", "mobilenetv3_small", "mobilenetv3_large", "deeplabv2_resnet101", "fcn8s_vgg16")
 DOMAINS = ("source", "target")
 LOSS_RESOLUTIONS = ("feature", "input")
 RECON_STOP_GRADIENTS = ("none", "fine", "coarse")

@@ -53,8 +53,7 @@ def define_target_flags():
 
 
 def define_model_flags():
-    flags.DEFINE_string("backbone", "tiny", "Backbone: tiny | mobilenetv3_small | mobilenetv3_large | "
-                        "deeplabv2_resnet101 | fcn8s_vgg16.")
+    flags.DEFINE_enum("backbone", "tiny", config.BACKBONE_NAMES, "Backbone (README: The paper's setting).")
     flags.DEFINE_string("backbone_weights", "none", "Backbone weights: imagenet | none | a local weights file.")
     flags.DEFINE_list("lse_r", ["0.5", "1", "1.5"], "r^k of the coarse region-expansion units (one unit each).")
 

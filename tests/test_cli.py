@@ -10,7 +10,7 @@ import shutil
 import pytest
 
 from commands import run, run_in_process
-from conftest import TRAINED_RUN_STEPS, trained_run_args
+from conftest import REPO, TRAINED_RUN_STEPS, trained_run_args
 
 
 def train_args(bench, model_dir, *extra):
@@ -73,6 +73,8 @@ def test_model_dir_with_another_architecture_is_refused(trained_run, tiny_benchm
     (("--bogus_flag=1",), "error: unknown flag --bogus_flag; --help lists the flags."),
     (("--learning_rat=1",), "error: unknown flag --learning_rat (did you mean --learning_rate?); "),
     (("--method=pitt",), "error: --method=pitt: value should be one of <pit|source_only|minent>."),
+    (("--backbone=resnet7",), "error: --backbone=resnet7: value should be one of <tiny|mobilenetv3_small|"
+                              "mobilenetv3_large|deeplabv2_resnet101|fcn8s_vgg16>."),
     (("--evaluate=maybe",), "error: --evaluate=maybe: expected true or false."),
     (("--noevaluate=1",), "error: --noevaluate=1 does not take an argument."),
     (("--flagfile=flags/nope.cfg",), "error: --flagfile=flags/nope.cfg: cannot be read (No such file or directory)."),
@@ -92,6 +94,24 @@ def test_bad_flags_fail_fast_with_one_sentence(args, message):
     assert result.returncode == 2  # bad input; 1 is kept for bugs
     assert message in result.stderr and len(result.stderr.strip().splitlines()) == 1, result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_a_backbone_name_is_refused_before_tensorflow_loads(tmp_path):
+    # train in a process where importing TensorFlow or Keras fails: the name is checked with the flags.
+    import subprocess
+    import sys
+
+    from pit_keras import config
+    from pit_keras.models import backbones
+
+    assert config.BACKBONE_NAMES == tuple(backbones.BACKBONES)  # the flag's names are the registry's
+    code = ("import runpy, sys\n"
+            "sys.modules.update(tensorflow=None, keras=None)\n"
+            f"sys.argv = ['train', '--backbone=resnet7', '--model_dir={tmp_path / 'run'}']\n"
+            "runpy.run_module('pit_keras.train', run_name='__main__')\n")
+    result = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, timeout=60)
+    assert result.returncode == 2 and result.stderr.startswith("error: --backbone=resnet7: value should be one of")
+    assert len(result.stderr.strip().splitlines()) == 1 and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("command,flag", [("train", "label_map"), ("evaluate", "predictions_dir"),
