@@ -1,6 +1,6 @@
 """Two worker processes on localhost under MultiWorkerMirroredStrategy, each a `runner.run` of the same config
 (`TF_CONFIG` names the cluster), for the distribution tests; conftest's `two_worker_run` is one such run shared by
-the tests of tests/test_distribute.py. The workers know `--backbone=micro` (conftest.build_micro)."""
+the tests of tests/test_distribute.py. The workers know the micro backbone (conftest.build_micro)."""
 
 import json
 import os

@@ -117,7 +117,8 @@ def build_micro(weights=None):
 
 
 def micro_spec():
-    """The registry entry (`backbones.BACKBONES`) of `build_micro`, as `--backbone=micro`."""
+    """The registry entry (`backbones.BACKBONES`) of `build_micro`, named "micro" (a RunConfig's or the benchmark
+    tool's backbone; the train command's --backbone takes the built-in names only)."""
     import dataclasses
 
     from pit_keras.models import backbones
@@ -128,8 +129,8 @@ def micro_spec():
 
 @contextlib.contextmanager
 def micro_backbone():
-    """`--backbone=micro` registered (the registry users extend at run time) inside the block only, so that no
-    other test of the same process sees it."""
+    """The micro backbone registered as "micro" inside the block only, so that no other test of the same process
+    sees it."""
     from pit_keras.models import backbones
 
     with pytest.MonkeyPatch.context() as patch:
